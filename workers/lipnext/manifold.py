@@ -1,0 +1,294 @@
+"""Optimisation directly on the orthogonal manifold (LipNeXt, section 3).
+
+Orthogonal weights are neither constrained nor re-parametrised: each step
+moves them along the manifold, W <- W exp(A) with A skew-symmetric, so they
+stay orthogonal up to the truncation of the exponential and fp32 rounding,
+which a periodic polar projection removes. Geometry lives in manifold
+objects (Euclidean, Stiefel); `ManifoldAdamW` is generic over them: Adam
+moments of the manifold's direction, a retraction, Manifold Lookahead and
+re-projection are the same code for every parameter.
+
+Under FSDP2 the orthogonal matrices are DTensor row shards; a matrix
+function of a shard is meaningless, so each matrix is gathered whole to one
+owner rank, updated there and scattered back (lipnext.owner_exchange).
+"""
+
+import torch
+from torch import nn
+
+from lipnext.layers import OrthogonalLinear
+from lipnext.owner_exchange import assign_owners, gather_to_owners, scatter_from_owners
+
+FAST_EXP_ORDERS = ((0.05, 2), (0.25, 3), (1.0, 4))
+"""(bound on ||A||_F, Taylor order) of the reference's FastExp; exact beyond."""
+
+
+def skew(m: torch.Tensor) -> torch.Tensor:
+    return (m - m.mT) / 2
+
+
+def fast_exp(a: torch.Tensor) -> torch.Tensor:
+    """exp(A) by a Taylor polynomial whose order grows with ||A||_F (1-3
+    matmuls), torch.linalg.matrix_exp once ||A||_F >= 1. For skew A the order-2
+    polynomial misses orthogonality by A^4/4, far below fp32 rounding here."""
+    norm = torch.linalg.matrix_norm(a).item()
+    for limit, order in FAST_EXP_ORDERS:
+        if norm < limit:
+            out, term = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) + a, a
+            for k in range(2, order + 1):
+                term = term @ a / k
+                out = out + term
+            return out
+    return torch.linalg.matrix_exp(a)
+
+
+def polar(w: torch.Tensor, tol: float = 1e-12, max_iter: int = 30) -> torch.Tensor:
+    """The nearest matrix with orthonormal rows (wide) or columns (tall), in
+    float64. Newton-Schulz X <- X (3I - X^T X) / 2 (3 matmuls, converges
+    quadratically from a near-orthogonal X, as between two projections); an
+    SVD when X is too far off for it to converge."""
+    x = w.double()
+    tall = x.shape[0] >= x.shape[1]
+    if not tall:
+        x = x.mT
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    for _ in range(max_iter):
+        gram = x.mT @ x
+        err = torch.linalg.matrix_norm(gram - eye).item()
+        if err < tol:
+            break
+        if err > 0.5:
+            u, _, vh = torch.linalg.svd(x, full_matrices=False)
+            x = u @ vh
+            break
+        x = x @ (1.5 * eye - 0.5 * gram)
+    return (x if tall else x.mT).to(w.dtype)
+
+
+class Euclidean:
+    """Unconstrained parameters: the direction is the gradient, steps add."""
+
+    name = "euclidean"
+
+    def algebra_shape(self, shape) -> tuple[int, ...]:
+        return tuple(shape)
+
+    def direction(self, w, grad):
+        return grad
+
+    def retract(self, w, step):
+        return w + step
+
+    def project(self, w):
+        return w
+
+
+class Stiefel:
+    """W (out, in) with orthonormal rows (out <= in; square W is the
+    orthogonal group) or orthonormal columns (out > in).
+
+    W moves by the action of an orthogonal group, which keeps its Gram matrix
+    exactly I: W <- W exp(A), A in so(in), when the rows are orthonormal (the
+    reference's update, with direction skew(W^T G)); W <- exp(A) W, A in
+    so(out), when the columns are (direction skew(G W^T)). Both are steepest
+    descent: d/dt loss(W exp(tA)) = <skew(W^T G), A>.
+    """
+
+    name = "stiefel"
+
+    def __init__(self, shape):
+        self.left = shape[0] > shape[1]
+
+    def algebra_shape(self, shape) -> tuple[int, int]:
+        return (max(shape), max(shape))
+
+    def direction(self, w, grad):
+        return skew(grad @ w.mT) if self.left else skew(w.mT @ grad)
+
+    def retract(self, w, step):
+        return fast_exp(step) @ w if self.left else w @ fast_exp(step)
+
+    def project(self, w):
+        return polar(w)
+
+
+def manifold_of(group: dict, shape) -> Euclidean | Stiefel:
+    return Stiefel(shape) if group["manifold"] == "stiefel" else Euclidean()
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Orthogonal matrices (the weights of OrthogonalLinear layers) in a
+    Stiefel group, everything else in a Euclidean one. Derived from module
+    types, not from marks on the Parameters, so it works before and after
+    FSDP2 has swapped the Parameters for DTensors."""
+    orthogonal = [m.weight for m in model.modules() if isinstance(m, OrthogonalLinear)]
+    ids = {id(p) for p in orthogonal}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": orthogonal, "manifold": "stiefel"}, {"params": rest, "manifold": "euclidean"}]
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh")
+
+
+def _zeros(p: torch.Tensor, shape) -> torch.Tensor:
+    """Optimizer state of `shape`, sharded like p when p is a DTensor so every
+    rank holds the same structure and DCP can save and reshard it."""
+    if _is_sharded(p):
+        from torch.distributed.tensor import zeros
+
+        return zeros(shape, device_mesh=p.device_mesh, placements=p.placements, dtype=torch.float32)
+    return torch.zeros(shape, dtype=torch.float32, device=p.device)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_sharded(t) else t
+
+
+class ManifoldAdamW(torch.optim.Optimizer):
+    """Adam on manifolds: moments of the manifold's direction, bias-corrected
+    step A = -lr m / (sqrt(v) + eps), retraction W <- R_W(A).
+
+    For Stiefel matrices the direction lives in a Lie algebra (skew), so the
+    step is skew too. `weight_decay` (decoupled, as AdamW) applies to
+    Euclidean parameters only. Every `lookahead_steps` steps the slow weights
+    move by `lookahead_alpha` times the sum of the fast steps - along the
+    manifold, X_slow <- X_slow exp(alpha * sum A) - and the fast weights
+    restart from them (0 disables). Every `reorthogonalize_every` steps
+    (0 disables) the orthogonal matrices are projected back onto the manifold
+    (polar factor). State is fp32 whatever the compute dtype.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        lookahead_steps: int = 6,
+        lookahead_alpha: float = 0.5,
+        reorthogonalize_every: int = 100,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            lookahead_steps=lookahead_steps,
+            lookahead_alpha=lookahead_alpha,
+            reorthogonalize_every=reorthogonalize_every,
+            manifold="euclidean",
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["manifold"] not in ("euclidean", "stiefel"):
+                raise ValueError(f"manifold must be 'euclidean' or 'stiefel', got {group['manifold']!r}")
+            if group["manifold"] == "stiefel" and group["weight_decay"]:
+                raise ValueError("weight_decay would pull orthogonal matrices off their manifold")
+
+    def _state(self, p: torch.Tensor, group: dict) -> dict:
+        state = self.state[p]
+        if not state:
+            algebra = manifold_of(group, p.shape).algebra_shape(p.shape)
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = _zeros(p, algebra)
+            state["exp_avg_sq"] = _zeros(p, algebra)
+            if group["lookahead_steps"]:
+                state["slow"] = p.detach().clone()
+                state["lookahead_sum"] = _zeros(p, algebra)
+        return state
+
+    @staticmethod
+    def _fields(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
+        """The weight and every matrix-shaped state tensor, by name."""
+        keys = ("exp_avg", "exp_avg_sq", "slow", "lookahead_sum")
+        return {"w": p, **{k: state[k] for k in keys if k in state}}
+
+    @staticmethod
+    def _update(manifold, group: dict, step: int, grad, w, exp_avg, exp_avg_sq, slow=None, lookahead_sum=None):
+        """One step of one parameter, in place, on whole (or elementwise) tensors."""
+        beta1, beta2 = group["betas"]
+        d = manifold.direction(w, grad.to(exp_avg.dtype))
+        exp_avg.lerp_(d, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+        denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
+        update = exp_avg / denom * (-group["lr"] / (1 - beta1**step))
+        if group["weight_decay"]:
+            update -= group["lr"] * group["weight_decay"] * w
+        w.copy_(manifold.retract(w, update))
+        if slow is not None:
+            lookahead_sum += update
+            if step % group["lookahead_steps"] == 0:
+                slow.copy_(manifold.retract(slow, group["lookahead_alpha"] * lookahead_sum))
+                w.copy_(slow)
+                lookahead_sum.zero_()
+        every = group["reorthogonalize_every"]
+        if every and step % every == 0:
+            ManifoldAdamW._project(manifold, w, slow)
+
+    @staticmethod
+    def _project(manifold, w, slow=None, **_):
+        w.copy_(manifold.project(w))
+        if slow is not None:
+            slow.copy_(manifold.project(slow))
+
+    def _for_each_whole(self, group: dict, params: list, fn, with_grad: bool) -> None:
+        """fn(manifold, state, grad, **fields) for each matrix with whole
+        tensors: on the matrix's owner rank when the matrices are sharded,
+        after which the fields (not the gradient) go back to the shards."""
+        if not params:
+            return
+        states = [self._state(p, group) for p in params]
+        fields = [self._fields(p, s) for p, s in zip(params, states)]
+        if not _is_sharded(params[0]):
+            for p, state, f in zip(params, states, fields):
+                fn(manifold_of(group, p.shape), state, p.grad if with_grad else None, **f)
+            return
+        pg = params[0].device_mesh.get_group()
+        sent = [[*f.values(), p.grad] if with_grad else list(f.values()) for p, f in zip(params, fields)]
+        shapes = [[tuple(t.shape) for t in ts] for ts in sent]
+        owners = assign_owners([max(p.shape) for p in params], torch.distributed.get_world_size(pg))
+        whole = gather_to_owners([[_local(t).float() for t in ts] for ts in sent], shapes, owners, group=pg)
+        for i, tensors in whole.items():
+            grad = tensors[-1] if with_grad else None
+            fn(manifold_of(group, params[i].shape), states[i], grad, **dict(zip(fields[i], tensors)))
+        n = len(fields[0])
+        back = {i: tensors[:n] for i, tensors in whole.items()}
+        returned = scatter_from_owners(back, [s[:n] for s in shapes], owners, torch.float32, group=pg)
+        for f, shards in zip(fields, returned):
+            for target, shard in zip(f.values(), shards):
+                _local(target).copy_(shard)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                self._state(p, group)["step"] += 1
+
+            def update(manifold, state, grad, **fields):
+                self._update(manifold, group, int(state["step"]), grad, **fields)
+
+            if group["manifold"] == "euclidean":  # elementwise: shards update in place
+                for p in params:
+                    fields = {k: _local(t) for k, t in self._fields(p, self.state[p]).items()}
+                    update(Euclidean(), self.state[p], _local(p.grad), **fields)
+            else:
+                self._for_each_whole(group, params, update, with_grad=True)
+        return loss
+
+    @torch.no_grad()
+    def reorthogonalize(self) -> None:
+        """Project every orthogonal matrix (and its slow copy) onto its
+        manifold now, e.g. at the end of an epoch."""
+        for group in self.param_groups:
+            if group["manifold"] == "stiefel":
+                self._for_each_whole(
+                    group, list(group["params"]), lambda manifold, state, grad, **f: self._project(manifold, **f),
+                    with_grad=False,
+                )
