@@ -85,3 +85,8 @@ def test_beta_abs_folds_exactly_beta_of_the_channels():
     x = -torch.ones(3, 2, 2, 16)
     y = BetaAbs(16, 0.25)(x)
     assert (y[..., :4] == 1).all() and (y[..., 4:] == -1).all()
+
+
+def test_spatial_shift_gradient_is_the_inverse_shift():
+    x = torch.randn(2, 5, 6, 32, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(SpatialShift(32, 1 / 8, 2), (x,))
