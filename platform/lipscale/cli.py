@@ -14,7 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _subcommand_modules() -> list:
-    return []
+    from lipscale import plan
+    from lipscale.data import convert
+
+    return [convert, plan]
 
 
 def main(argv: list[str] | None = None) -> int:

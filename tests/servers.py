@@ -1,0 +1,70 @@
+"""Real servers for tests, started on 127.0.0.1 and stopped at teardown.
+
+Use a fixture by importing it into a test module: `from servers import s3_server`.
+"""
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import s3fs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_answering(url: str, process: subprocess.Popen, timeout_s: float = 30):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before answering")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # it answered, if only with an error
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout_s} s")
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A moto S3 server on a free port with an empty bucket `lipscale`. The
+    AWS_* variables point s3fs (and boto3) at it; s3fs's cached filesystems are
+    cleared on both sides so none keeps another endpoint. Yields the settings."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [shutil.which("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_until_answering(endpoint, process)
+        settings = dict(
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
+        for name, value in settings.items():
+            monkeypatch.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem().mkdir("lipscale")
+        yield dict(settings, bucket="lipscale", uri="s3://lipscale")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
