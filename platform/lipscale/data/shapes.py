@@ -4,10 +4,13 @@ A class is a shape (disk, ring, square, triangle, cross) with a fill (solid,
 striped, checkered); the default 10 classes are the five shapes, solid and
 striped. Every image draws its position, size, rotation, colours, fill
 period, background texture, clutter strokes (some in front of the shape) and
-pixel noise. Digits saturates within seconds; this set is meant to keep width
-and depth ladders apart on a laptop. Each shard is drawn from its own stream
-(seed, split, shard), so any size can be generated shard by shard, in
-parallel, and the same seed gives identical bytes.
+pixel noise. Digits saturates within seconds; this set keeps width ladders
+apart on a laptop: 500 steps of 64 on 5000 samples (crop+flip, depth 4) give
+width 64 27% clean / 7% CRA at 36/255, width 256 42% / 12.5%.
+
+Each shard is drawn from its own stream (seed, split, shard), so any size
+can be generated shard by shard, in parallel, and the same seed gives
+identical bytes.
 """
 
 from dataclasses import asdict, dataclass
