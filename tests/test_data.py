@@ -74,6 +74,17 @@ def test_rank_shares_are_disjoint_and_complete(numbered, world):
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
+def test_every_rank_yields_the_same_number_of_batches(numbered):
+    # 103 samples on 2 ranks in batches of 17: shares of 52 and 51 would need 4 and 3 batches.
+    ranks = [list(ShardLoader(numbered, "train", 17, rank=r, world_size=2)) for r in range(2)]
+    assert [len(batches) for batches in ranks] == [4, 4]
+    assert [len(y) for _, y in ranks[1]] == [17, 17, 17, 0]
+    assert ranks[1][-1][0].shape == (0, 1, 2, 2)
+    resumed = ShardLoader(numbered, "train", 17, rank=1, world_size=2)
+    resumed.load_state_dict({**resumed.state_dict(), "batch": 3})
+    assert [len(y) for _, y in resumed] == [0]
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_drop_last_gives_every_rank_the_same_full_batches(numbered, world):
     loaders = [ShardLoader(numbered, "train", 8, rank=r, world_size=world, drop_last=True) for r in range(world)]

@@ -245,9 +245,10 @@ class ShardLoader:
 
     Each epoch the shards are permuted (from seed and epoch) and their samples,
     laid end to end, are cut into world_size contiguous shares: disjoint and
-    together complete, sizes differing by at most one. With drop_last the
-    shares are equal and the last partial batch is dropped, so every rank takes
-    the same number of steps. A share is shuffled within windows of about
+    together complete, sizes differing by at most one. Every rank yields
+    len(loader) batches, so collectives stay in step: with drop_last the shares
+    are equal and the last partial batch is dropped; without it, a rank whose
+    share is one sample short may end on an empty batch. A share is shuffled within windows of about
     `shuffle_window` samples (shards are shuffled when written), and a
     background thread keeps `prefetch` batches ready while `threads` threads
     read the next window's shards and decode PNGs.
@@ -294,10 +295,11 @@ class ShardLoader:
         self.epoch, self.batch = 0, 0
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
+        """Batches per epoch, the same on every rank."""
         if self.drop_last:
             return self.share // self.batch_size
-        return math.ceil(self.share / self.batch_size)
+        n = self.dataset.manifest.count(self.split)
+        return math.ceil(math.ceil(n / self.world_size) / self.batch_size)
 
     def set_epoch(self, epoch: int):
         """Start `epoch` from its first batch."""
@@ -414,6 +416,10 @@ class ShardLoader:
                 for b in range(max(first - w * per_window, 0), math.ceil(len(labels) / self.batch_size)):
                     index = perm[b * self.batch_size : (b + 1) * self.batch_size]
                     yield self._batch(images, labels, index, epoch, w * per_window + b, pool)
+            # A share one sample short of the longest can need one batch fewer; an empty
+            # batch keeps the ranks in step (under FSDP every forward is a collective).
+            if first < len(self) and math.ceil(self.share / self.batch_size) < len(self):
+                yield torch.empty(0, *self.dataset.manifest.shape), torch.empty(0, dtype=torch.int64)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
