@@ -285,3 +285,20 @@ def test_dcp_save_and_load_under_fsdp2_continues_exactly(tmp_path):
     resumed = run_ranks(_sharded_run, 2, 20, str(tmp_path / "ckpt"), 10)[0]
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def test_ema_stays_on_the_manifold_and_trails_the_weights():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(polar(torch.randn(32, 32)))
+    start = w.detach().clone()
+    opt = ManifoldAdamW([{"params": [w], "manifold": "stiefel"}], lr=1e-2, ema_decay=0.9, reorthogonalize_every=0)
+    for _ in range(50):
+        w.grad = torch.randn(32, 32)
+        opt.step()
+    ema = opt.state[w]["ema"]
+    assert orthogonality_error(ema) < 1e-4
+    # It lags behind: between the start and the current weights.
+    assert 0 < (ema - w).norm() < (start - w).norm()
+    with opt.ema_weights():
+        assert torch.equal(w, ema)
+    assert not torch.equal(w, ema)

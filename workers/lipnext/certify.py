@@ -41,6 +41,12 @@ def orthogonal_norm_bound(weight: torch.Tensor) -> float:
     return math.sqrt(1.0 + orthogonality_error(weight))
 
 
+def max_orthogonality_error(model: LipNeXt) -> float:
+    """The largest ||G - I||_F over the model's orthogonal matrices."""
+    matrices = [model.stem.proj.weight] + [w for b in model.blocks for w in (b.basis.weight, b.mix.weight)]
+    return max(orthogonality_error(w) for w in matrices)
+
+
 def block_bound(block) -> float:
     """x -> M R^T S(R x): S is a permutation and beta-Abs is 1-Lipschitz."""
     r = orthogonal_norm_bound(block.basis.weight)

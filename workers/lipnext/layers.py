@@ -2,9 +2,10 @@
 
 Feature maps are channels-last, (N, H, W, C), so every channel map is one
 matmul over the last dimension. Every module with weights owns an
-`init_weights()` (orthogonal initialisation lives there, not in __init__),
-so a model built on the meta device can be materialised with `to_empty` and
-initialised in place after sharding.
+`init_weights(generator)` (orthogonal initialisation lives there, not in
+__init__) that draws only from the generator it is given, so a model built
+on the meta device and sharded can be initialised part by part exactly as an
+unsharded one (lipnext.parallelize).
 """
 
 import torch
@@ -25,7 +26,7 @@ class Normalize(nn.Module):
         self.register_buffer("mean", torch.empty(len(mean), 1, 1), persistent=False)
         self.register_buffer("std", torch.empty(len(std), 1, 1), persistent=False)
 
-    def init_weights(self):
+    def init_weights(self, generator=None):
         self.mean.copy_(torch.tensor(self.mean_values).view(-1, 1, 1))
         self.std.copy_(torch.tensor(self.std_values).view(-1, 1, 1))
 
@@ -48,8 +49,8 @@ class OrthogonalLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def init_weights(self):
-        nn.init.orthogonal_(self.weight)
+    def init_weights(self, generator=None):
+        nn.init.orthogonal_(self.weight, generator=generator)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -70,8 +71,8 @@ class PatchStem(nn.Module):
         self.patch_size = patch_size
         self.proj = OrthogonalLinear(in_channels * patch_size**2, width)
 
-    def init_weights(self):
-        self.proj.init_weights()
+    def init_weights(self, generator=None):
+        self.proj.init_weights(generator)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n, c, h, w = images.shape
@@ -162,8 +163,8 @@ class UnitNormHead(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, width))
 
-    def init_weights(self):
-        nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
+    def init_weights(self, generator=None):
+        nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5, generator=generator)
 
     def class_vectors(self) -> torch.Tensor:
         return F.normalize(self.weight, dim=1)

@@ -13,6 +13,8 @@ function of a shard is meaningless, so each matrix is gathered whole to one
 owner rank, updated there and scattered back (lipnext.owner_exchange).
 """
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -89,6 +91,10 @@ class Euclidean:
     def retract(self, w, step):
         return w + step
 
+    def toward(self, x, y):
+        """The step from x that reaches y."""
+        return y - x
+
     def project(self, w):
         return w
 
@@ -117,6 +123,11 @@ class Stiefel:
 
     def retract(self, w, step):
         return fast_exp(step) @ w if self.left else w @ fast_exp(step)
+
+    def toward(self, x, y):
+        """First-order log: the step A with R_x(A) = y + O(||A||^3) for y near x
+        (x^T y = exp(A) = I + A + A^2/2 + ..., whose skew part is A + O(A^3))."""
+        return skew(y @ x.mT) if self.left else skew(x.mT @ y)
 
     def project(self, w):
         return polar(w)
@@ -166,7 +177,10 @@ class ManifoldAdamW(torch.optim.Optimizer):
     manifold, X_slow <- X_slow exp(alpha * sum A) - and the fast weights
     restart from them (0 disables). Every `reorthogonalize_every` steps
     (0 disables) the orthogonal matrices are projected back onto the manifold
-    (polar factor). State is fp32 whatever the compute dtype.
+    (polar factor). With `ema_decay` > 0 an exponential moving average of
+    the weights moves toward them along the manifold each step
+    (`ema_weights()` swaps it in, e.g. for evaluation). State is fp32
+    whatever the compute dtype.
     """
 
     def __init__(
@@ -179,6 +193,7 @@ class ManifoldAdamW(torch.optim.Optimizer):
         lookahead_steps: int = 6,
         lookahead_alpha: float = 0.5,
         reorthogonalize_every: int = 100,
+        ema_decay: float = 0.0,
     ):
         defaults = dict(
             lr=lr,
@@ -188,6 +203,7 @@ class ManifoldAdamW(torch.optim.Optimizer):
             lookahead_steps=lookahead_steps,
             lookahead_alpha=lookahead_alpha,
             reorthogonalize_every=reorthogonalize_every,
+            ema_decay=ema_decay,
             manifold="euclidean",
         )
         super().__init__(params, defaults)
@@ -207,16 +223,20 @@ class ManifoldAdamW(torch.optim.Optimizer):
             if group["lookahead_steps"]:
                 state["slow"] = p.detach().clone()
                 state["lookahead_sum"] = _zeros(p, algebra)
+            if group["ema_decay"]:
+                state["ema"] = p.detach().clone()
         return state
 
     @staticmethod
     def _fields(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
         """The weight and every matrix-shaped state tensor, by name."""
-        keys = ("exp_avg", "exp_avg_sq", "slow", "lookahead_sum")
+        keys = ("exp_avg", "exp_avg_sq", "slow", "lookahead_sum", "ema")
         return {"w": p, **{k: state[k] for k in keys if k in state}}
 
     @staticmethod
-    def _update(manifold, group: dict, step: int, grad, w, exp_avg, exp_avg_sq, slow=None, lookahead_sum=None):
+    def _update(
+        manifold, group: dict, step: int, grad, w, exp_avg, exp_avg_sq, slow=None, lookahead_sum=None, ema=None
+    ):
         """One step of one parameter, in place, on whole (or elementwise) tensors."""
         beta1, beta2 = group["betas"]
         d = manifold.direction(w, grad.to(exp_avg.dtype))
@@ -233,15 +253,17 @@ class ManifoldAdamW(torch.optim.Optimizer):
                 slow.copy_(manifold.retract(slow, group["lookahead_alpha"] * lookahead_sum))
                 w.copy_(slow)
                 lookahead_sum.zero_()
+        if ema is not None:
+            ema.copy_(manifold.retract(ema, (1 - group["ema_decay"]) * manifold.toward(ema, w)))
         every = group["reorthogonalize_every"]
         if every and step % every == 0:
-            ManifoldAdamW._project(manifold, w, slow)
+            ManifoldAdamW._project(manifold, w, slow, ema=ema)
 
     @staticmethod
-    def _project(manifold, w, slow=None, **_):
-        w.copy_(manifold.project(w))
-        if slow is not None:
-            slow.copy_(manifold.project(slow))
+    def _project(manifold, w, slow=None, ema=None, **_):
+        for t in (w, slow, ema):
+            if t is not None:
+                t.copy_(manifold.project(t))
 
     def _for_each_whole(self, group: dict, params: list, fn, with_grad: bool) -> None:
         """fn(manifold, state, grad, **fields) for each matrix with whole
@@ -291,6 +313,25 @@ class ManifoldAdamW(torch.optim.Optimizer):
             else:
                 self._for_each_whole(group, params, update, with_grad=True)
         return loss
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Within the block the parameters hold their moving averages."""
+        with torch.no_grad():
+            swaps = [
+                (_local(p), _local(self.state[p]["ema"]), _local(p).clone())
+                for group in self.param_groups
+                for p in group["params"]
+                if "ema" in self.state[p]
+            ]
+            for weight, ema, _ in swaps:
+                weight.copy_(ema)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for weight, _, saved in swaps:
+                    weight.copy_(saved)
 
     @torch.no_grad()
     def reorthogonalize(self) -> None:

@@ -45,10 +45,10 @@ class LipNeXtBlock(nn.Module):
         self.mix = OrthogonalLinear(c, c, bias=True)  # M and b
         self.act = BetaAbs(c, config.beta)
 
-    def init_weights(self):
-        nn.init.normal_(self.pos, std=0.02)
-        self.basis.init_weights()
-        self.mix.init_weights()
+    def init_weights(self, generator=None):
+        nn.init.normal_(self.pos, std=0.02, generator=generator)
+        self.basis.init_weights(generator)
+        self.mix.init_weights(generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.shift(self.basis(x + self.pos))
@@ -69,15 +69,24 @@ class LipNeXt(nn.Module):
         self.head = UnitNormHead(config.width, config.num_classes)
         self.init_weights()
 
+    def parts(self) -> list[nn.Module]:
+        """The modules that initialise themselves, each from its own generator."""
+        return [self.normalize, self.stem, *self.blocks, self.head]
+
+    @staticmethod
+    def part_generator(seed: int, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed * 100_003 + index)
+
     @torch.no_grad()
-    def init_weights(self):
-        """(Re)initialise every parameter and buffer in place; call it after
-        `to_empty()` when the model was built on the meta device."""
-        self.normalize.init_weights()
-        self.stem.init_weights()
-        for block in self.blocks:
-            block.init_weights()
-        self.head.init_weights()
+    def init_weights(self, seed: int | None = None):
+        """(Re)initialise every parameter and buffer in place. Part i draws from
+        its own generator seeded by (seed, i), so a sharded model initialised
+        part by part (lipnext.parallelize) gets the same weights. Without a
+        seed, one is drawn from torch's global generator."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**31, (), device="cpu"))
+        for i, part in enumerate(self.parts()):
+            part.init_weights(self.part_generator(seed, i))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The 1-Lipschitz feature map (with std = 1): raw images -> (N, width)."""
@@ -104,3 +113,18 @@ def param_counts(config: LipNeXtConfig) -> dict[str, int]:
     counts["block_other"] = sum(b.pos.numel() + b.mix.bias.numel() for b in model.blocks)
     counts["total"] = sum(p.numel() for p in model.parameters())
     return counts
+
+
+def train_flops_per_sample(config: LipNeXtConfig, batch: int) -> float:
+    """Forward + backward FLOPs per sample at a given batch, counted by
+    FlopCounterMode on the meta device (nothing runs, nothing is allocated).
+    It depends on the batch: M R^T costs 2 W^3 per block per step, shared by
+    the batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = LipNeXt(config)
+        images = torch.empty(batch, config.in_channels, config.image_size, config.image_size)
+        with FlopCounterMode(display=False) as counter:
+            model(images).sum().backward()
+    return counter.get_total_flops() / batch
