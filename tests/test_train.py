@@ -1,0 +1,104 @@
+"""The training worker without Ray: materialisation, resume, and its errors."""
+
+import shutil
+
+import pytest
+import torch
+from distributed import run_ranks
+from torch.distributed.device_mesh import init_device_mesh
+
+from lipnext import LipNeXt, preset
+from lipnext.checkpoint import latest, load_model
+from lipnext.parallelize import apply_fsdp, materialize
+from lipnext.train import LocalSession, train
+from lipnext.train_config import CheckpointConfig, DataConfig, TrainConfig
+
+CONFIG = preset("tiny", width=40, shift_ratio=1 / 8)  # 40 rows: uneven shards on 3 ranks
+
+
+def test_materialize_gives_the_weights_of_an_unsharded_init():
+    expected = LipNeXt(CONFIG)
+    expected.init_weights(seed=7)
+    with torch.device("meta"):
+        model = LipNeXt(CONFIG)
+    materialize(model, torch.device("cpu"), seed=7)
+    for (name, a), b in zip(expected.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(expected.normalize.mean, model.normalize.mean)  # buffers too
+
+
+def _sharded_init():
+    with torch.device("meta"):
+        model = LipNeXt(CONFIG)
+    apply_fsdp(model, init_device_mesh("cpu", (torch.distributed.get_world_size(),)))
+    materialize(model, torch.device("cpu"), seed=7)
+    local_rows = {n: p.to_local().shape[0] for n, p in model.named_parameters()}
+    # Compared in the same process: LAPACK's QR rounds differently with another thread count.
+    unsharded = LipNeXt(CONFIG)
+    unsharded.init_weights(seed=7)
+    return {k: v.full_tensor() for k, v in model.state_dict().items()}, unsharded.state_dict(), local_rows
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_materialize_matches_an_unsharded_init(world):
+    for full, expected, local_rows in run_ranks(_sharded_init, world):
+        for name, tensor in expected.items():
+            assert torch.equal(full[name], tensor), name
+        assert local_rows["blocks.0.basis.weight"] < CONFIG.width  # really sharded
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory):
+    from lipscale.data.convert import convert
+
+    root = tmp_path_factory.mktemp("data") / "digits"
+    convert("digits", None, str(root))
+    return str(root)
+
+
+def _config(data, checkpoint_dir, epochs=3):
+    return TrainConfig(
+        model=preset("tiny"),
+        data=DataConfig(uri=data, batch_size=100),
+        checkpoint=CheckpointConfig(dir=str(checkpoint_dir), keep=5),
+        epochs=epochs,
+    )
+
+
+EVAL = ["eval/clean_acc", "eval/cra_36", "eval/cra_72", "train/loss", "model/lipschitz_bound"]
+
+
+def test_a_run_resumed_from_a_checkpoint_ends_exactly_like_an_uninterrupted_one(digits_shards, tmp_path):
+    session = LocalSession(_config(digits_shards, tmp_path / "a").checkpoint)
+    uninterrupted = train(_config(digits_shards, tmp_path / "a"), session)
+    assert len(session.history) == 3 and uninterrupted["eval/clean_acc"] > 0.5
+    # A run that died after epoch 1: only its first checkpoint survived.
+    shutil.copytree(sorted((tmp_path / "a").iterdir())[0], tmp_path / "b" / "step_1")
+    resumed_session = LocalSession(_config(digits_shards, tmp_path / "b").checkpoint)
+    resumed = train(_config(digits_shards, tmp_path / "b"), resumed_session)
+    assert [m["epoch"] for m in resumed_session.history] == [2, 3]
+    assert {k: resumed[k] for k in EVAL} == {k: uninterrupted[k] for k in EVAL}
+    # The weights of the last checkpoint load into a plain model for evaluation.
+    model = LipNeXt(preset("tiny"))
+    load_model(model, latest(tmp_path / "b"))
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), LipNeXt(preset("tiny")).parameters()))
+
+
+def test_data_that_does_not_fit_the_model_is_refused_naming_the_field(digits_shards, tmp_path):
+    bad = TrainConfig(model=preset("cifar-l8w256"), data=DataConfig(uri=digits_shards))
+    with pytest.raises(ValueError, match=r"data\.uri: .* holds \(1, 8, 8\) images"):
+        train(bad, LocalSession(bad.checkpoint))
+
+
+@pytest.mark.parametrize(
+    "changes,field",
+    [(dict(epochs=0), "epochs"), (dict(precision="fp16"), "precision"), (dict(device="tpu"), "device")],
+)
+def test_invalid_train_configs_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(model=preset("tiny"), **changes)
+
+
+def test_train_config_round_trips_through_a_dict():
+    config = TrainConfig(model=preset("digits"), data=DataConfig(uri="s3://b/d", batch_size=64), precision="bf16")
+    assert TrainConfig.from_dict(config.to_dict()) == config

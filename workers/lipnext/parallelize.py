@@ -1,0 +1,69 @@
+"""Sharding and materialisation of a LipNeXt built on the meta device.
+
+The model file knows nothing of this (torchtitan's split): build on meta,
+`apply_fsdp`, then `materialize` on the target device.
+"""
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from lipnext.model import LipNeXt
+
+
+def apply_fsdp(model: LipNeXt, mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> None:
+    """fully_shard every block, then the root (normalisation, stem, head).
+
+    Per-block units so only one block's weights are gathered at a time - a
+    1B model never exists whole on a rank; the root last, as it owns what is
+    left. Gradients are reduced in fp32 whatever the compute dtype, and the
+    sharded weights the optimizer updates stay fp32.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+@contextlib.contextmanager
+def _on_cpu_in_full(part: nn.Module):
+    """Temporarily replaces every parameter and buffer of `part` by a whole
+    CPU tensor of its global shape; yields {(module, name): (original, whole)}."""
+    swapped = {}
+    for module in part.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None:
+                    whole = torch.empty(t.shape, dtype=t.dtype)
+                    store[name] = nn.Parameter(whole, requires_grad=False) if store is module._parameters else whole
+                    swapped[(module, name, id(store))] = (store, t, whole)
+    try:
+        yield swapped
+    finally:
+        for (module, name, _), (store, original, _) in swapped.items():
+            store[name] = original
+
+
+@torch.no_grad()
+def materialize(model: LipNeXt, device: torch.device, seed: int) -> None:
+    """Allocates the (possibly sharded) model on `device` and initialises it
+    to exactly the weights `LipNeXt.init_weights(seed)` gives an unsharded model.
+
+    QR cannot run on a row shard, so each part is initialised whole on the
+    CPU from its own generator, one part at a time (peak: one block), and
+    each rank keeps its rows.
+    """
+    model.to_empty(device=device)
+    for i, part in enumerate(model.parts()):
+        with _on_cpu_in_full(part) as swapped:
+            part.init_weights(model.part_generator(seed, i))
+            for store, original, whole in swapped.values():
+                if isinstance(original, DTensor):
+                    local = distribute_tensor(whole, original.device_mesh, original.placements, src_data_rank=None)
+                    original.to_local().copy_(local.to_local())
+                else:
+                    original.copy_(whole)
