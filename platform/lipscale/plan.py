@@ -12,13 +12,14 @@ takes per step.
 Memory is counted in bytes of tensors, per rank, for one steady-state step
 (optimizer state already created, gradients set to None between steps, as
 `zero_grad()` does); allocator slack and the CUDA context are not included.
-World size 1 means one unsharded process (bf16 by autocast). Above it the
-model is sharded by FSDP2 the torchtitan way: every block its own unit, then
-the root; weights, fp32 gradients and optimizer state sharded on dim 0
-(ceil(rows / world) rows, the largest shard); compute-dtype weights
-all-gathered a block at a time; each orthogonal matrix gathered whole to an
-owner rank for its update (lipnext.owner_exchange). tests/test_plan.py
-checks the total against measured peaks of real steps, both ways.
+As lipnext.train runs it: world size 1 is one unsharded process; above it
+FSDP2 shards the model the torchtitan way, every block its own unit, then
+the root: fp32 weights, gradients and optimizer state sharded on dim 0
+(ceil(rows / world) rows, the largest shard), weights all-gathered a block at
+a time, and each orthogonal matrix gathered whole to an owner rank for its
+update (lipnext.owner_exchange). bf16 is autocast's: it casts the fp32
+weights as they are used. tests/test_plan.py checks the total against
+measured peaks of real steps, both ways and in both dtypes.
 """
 
 import argparse
@@ -42,16 +43,18 @@ FP32 = 4
 def step_flops(config: LipNeXtConfig, batch: int) -> tuple[int, int]:
     """(forward, forward + backward) matmul FLOPs of one step on `batch` samples.
 
-    Per block, on T = grid^2 tokens of width W: R (2BTW^2), the fused M R^T
-    (2W^3, once per step whatever the batch: why FLOPs per sample fall as the
-    batch grows) and its product with the tokens (2BTW^2). Backward costs
-    twice each forward matmul (the gradients of both operands), except the
-    stem's: its input is the images, which need no gradient.
+    Per block, on T = B grid^2 tokens of width W: R (2TW^2), then, when T > W,
+    the fused M R^T (2W^3, once per step whatever the batch: why FLOPs per
+    sample fall as the batch grows) and its product with the tokens (2TW^2);
+    otherwise R^T and M one after the other (2 x 2TW^2), as LipNeXtBlock
+    does. Backward costs twice each forward matmul (the gradients of both
+    operands), except the stem's: its input is the images, which need no gradient.
     """
     tokens = batch * config.grid_size**2
     w = config.width
     stem = 2 * tokens * config.patch_dim * w
-    blocks = config.depth * (2 * 2 * tokens * w * w + 2 * w**3)
+    mix = 2 * tokens * w * w + 2 * w**3 if tokens > w else 2 * 2 * tokens * w * w
+    blocks = config.depth * (2 * tokens * w * w + mix)
     head = 2 * batch * w * config.num_classes
     forward = stem + blocks + head
     return forward, forward + stem + 2 * (blocks + head)
@@ -84,9 +87,9 @@ class Memory:
     """Tensors saved for backward at the step's batch, in the compute dtype,
     plus the fp32 input images and backward's gradients in flight."""
     gathered: int
-    """Compute-dtype weights during forward and backward: FSDP2's gathered
-    blocks and root (and a block's unsharded gradients); unsharded, a
-    compute-dtype copy of every weight when that is not fp32."""
+    """Whole weights during forward and backward: FSDP2's gathered blocks and
+    root (and a block's unsharded gradients), and in bf16 autocast's cast of
+    every weight."""
     optimizer_step: int
     """Transient of the optimizer step: the whole matrices (weight, gradient,
     state) that this rank owns, the exchange buffers that carry them and
@@ -213,16 +216,15 @@ def _memory(config, model, opt, owned, batch, world, c) -> Memory:
     images = FP32 * batch * config.in_channels * config.image_size**2
     activations = c * (config.depth * per_block + ends + in_flight) + images
 
-    if world == 1:
-        # autocast keeps a compute-dtype cast of each weight until backward
-        gathered = 0 if c == FP32 else c * sum(p.numel() for p in params)
-    else:
+    # autocast's cast of each weight is saved for backward (the matmuls need it)
+    gathered = 0 if c == FP32 else c * sum(p.numel() for p in params)
+    if world > 1:
         block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
         root = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.blocks.parameters())
         # The root stays gathered; the block in use and the next one (FSDP2
-        # prefetches it), and in backward the block's compute-dtype gradients
-        # and their fp32 copy that is reduce-scattered.
-        gathered = c * root + (2 * c + c + FP32) * block
+        # prefetches it), and in backward the block's unsharded gradients and
+        # the buffer they are reduce-scattered from.
+        gathered += FP32 * (root + 4 * block)
     return Memory(
         params=weights, grads=weights, optimizer=FP32 * state, activations=activations, gathered=gathered,
         optimizer_step=FP32 * _optimizer_step(owned, world),
@@ -310,7 +312,7 @@ def format_plan(plan: Plan) -> str:
         ("  gradients", f"{_bytes(m.grads)} (fp32, {shard})"),
         ("  optimizer state", f"{_bytes(m.optimizer)} (fp32, {shard})"),
         ("  activations", f"{_bytes(m.activations)} ({plan.dtype}, batch {plan.batch})"),
-        ("  gathered weights", f"{_bytes(m.gathered)} ({plan.dtype})"),
+        ("  whole weights", f"{_bytes(m.gathered)} (FSDP2's gathered blocks, autocast's casts)"),
         ("  optimizer step", f"{_bytes(m.optimizer_step)} ({step})"),
         ("  peak", _bytes(m.peak)),
     ]
