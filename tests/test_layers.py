@@ -90,3 +90,11 @@ def test_beta_abs_folds_exactly_beta_of_the_channels():
 def test_spatial_shift_gradient_is_the_inverse_shift():
     x = torch.randn(2, 5, 6, 32, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(SpatialShift(32, 1 / 8, 2), (x,))
+
+
+def test_block_gives_the_same_output_with_and_without_forming_M_R_transpose():
+    """Few tokens: R^T then M; many: M R^T as one matrix. Same map either way."""
+    block = _built(LipNeXtBlock(preset("tiny", in_channels=3, image_size=8), 0)).double()
+    many = torch.randn(8, 4, 4, 32, dtype=torch.float64)  # 128 tokens > 32 channels
+    one_by_one = torch.cat([block(x[None]) for x in many])  # 16 tokens each
+    torch.testing.assert_close(block(many), one_by_one)

@@ -234,7 +234,7 @@ def test_state_dict_round_trip_continues_exactly():
         assert torch.equal(a, b)
 
 
-def _sharded_run(steps, checkpoint_dir=None, restore_at=None):
+def _sharded_run(steps, checkpoint_dir=None, restore_at=None, bucket_mb=256):
     """Runs on each rank: FSDP2 over the tiny model, each rank taking its half of
     every global batch; optionally saves with DCP at `restore_at` and continues
     from a fresh model loaded from that checkpoint."""
@@ -245,7 +245,10 @@ def _sharded_run(steps, checkpoint_dir=None, restore_at=None):
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-        return model, ManifoldAdamW(param_groups(model), lr=1e-2, lookahead_steps=3, reorthogonalize_every=7)
+        groups = param_groups(model)
+        return model, ManifoldAdamW(
+            groups, lr=1e-2, lookahead_steps=3, reorthogonalize_every=7, exchange_bucket_mb=bucket_mb
+        )
 
     model, opt = build(0)
     local = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in _batches(steps, seed=1, batch=30)]
@@ -270,12 +273,13 @@ def _single_process_run(steps):
     return model.state_dict()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_fsdp2_ranks_match_a_single_process(world):
+@pytest.mark.parametrize("world,bucket_mb", [(2, 256), (3, 256), (2, 0.01)])
+def test_fsdp2_ranks_match_a_single_process(world, bucket_mb):
     """20 steps (lookahead and re-projection included) on sharded matrices give
-    the parameters of one unsharded process, to 1e-5."""
+    the parameters of one unsharded process, to 1e-5 - also when the exchange
+    goes one matrix per bucket (0.01 MB)."""
     expected = _single_process_run(20)
-    for got in run_ranks(_sharded_run, world, 20):
+    for got in run_ranks(_sharded_run, world, 20, None, None, bucket_mb):
         for name, tensor in expected.items():
             torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5)
 

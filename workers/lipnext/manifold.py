@@ -162,6 +162,20 @@ def _zeros(p: torch.Tensor, shape) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.float32, device=p.device)
 
 
+def _buckets(tensors: list[list[torch.Tensor]], budget_bytes: float) -> list[list[int]]:
+    """Consecutive groups of matrices whose whole tensors (all fields, global
+    shapes, fp32) add up to at most budget_bytes; a larger matrix goes alone."""
+    buckets, size = [[]], 0
+    for i, fields in enumerate(tensors):
+        nbytes = 4 * sum(t.numel() for t in fields)
+        if buckets[-1] and size + nbytes > budget_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(i)
+        size += nbytes
+    return buckets
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_sharded(t) else t
 
@@ -177,7 +191,9 @@ class ManifoldAdamW(torch.optim.Optimizer):
     manifold, X_slow <- X_slow exp(alpha * sum A) - and the fast weights
     restart from them (0 disables). Every `reorthogonalize_every` steps
     (0 disables) the orthogonal matrices are projected back onto the manifold
-    (polar factor). With `ema_decay` > 0 an exponential moving average of
+    (polar factor). Sharded matrices travel to their owners in buckets of
+    about `exchange_bucket_mb` of whole tensors per rank, which bounds the
+    memory the exchange adds. With `ema_decay` > 0 an exponential moving average of
     the weights moves toward them along the manifold each step
     (`ema_weights()` swaps it in, e.g. for evaluation). State is fp32
     whatever the compute dtype.
@@ -194,6 +210,7 @@ class ManifoldAdamW(torch.optim.Optimizer):
         lookahead_alpha: float = 0.5,
         reorthogonalize_every: int = 100,
         ema_decay: float = 0.0,
+        exchange_bucket_mb: float = 256,
     ):
         defaults = dict(
             lr=lr,
@@ -204,6 +221,7 @@ class ManifoldAdamW(torch.optim.Optimizer):
             lookahead_alpha=lookahead_alpha,
             reorthogonalize_every=reorthogonalize_every,
             ema_decay=ema_decay,
+            exchange_bucket_mb=exchange_bucket_mb,
             manifold="euclidean",
         )
         super().__init__(params, defaults)
@@ -278,19 +296,23 @@ class ManifoldAdamW(torch.optim.Optimizer):
                 fn(manifold_of(group, p.shape), state, p.grad if with_grad else None, **f)
             return
         pg = params[0].device_mesh.get_group()
+        world = torch.distributed.get_world_size(pg)
         sent = [[*f.values(), p.grad] if with_grad else list(f.values()) for p, f in zip(params, fields)]
-        shapes = [[tuple(t.shape) for t in ts] for ts in sent]
-        owners = assign_owners([max(p.shape) for p in params], torch.distributed.get_world_size(pg))
-        whole = gather_to_owners([[_local(t).float() for t in ts] for ts in sent], shapes, owners, group=pg)
-        for i, tensors in whole.items():
-            grad = tensors[-1] if with_grad else None
-            fn(manifold_of(group, params[i].shape), states[i], grad, **dict(zip(fields[i], tensors)))
-        n = len(fields[0])
-        back = {i: tensors[:n] for i, tensors in whole.items()}
-        returned = scatter_from_owners(back, [s[:n] for s in shapes], owners, torch.float32, group=pg)
-        for f, shards in zip(fields, returned):
-            for target, shard in zip(f.values(), shards):
-                _local(target).copy_(shard)
+        for bucket in _buckets(sent, group["exchange_bucket_mb"] * 2**20 * world):
+            shapes = [[tuple(t.shape) for t in sent[i]] for i in bucket]
+            owners = assign_owners([max(params[i].shape) for i in bucket], world)
+            local = [[_local(t).float() for t in sent[i]] for i in bucket]
+            whole = gather_to_owners(local, shapes, owners, group=pg)
+            for j, tensors in whole.items():
+                i = bucket[j]
+                grad = tensors[-1] if with_grad else None
+                fn(manifold_of(group, params[i].shape), states[i], grad, **dict(zip(fields[i], tensors)))
+            n = len(fields[0])  # the gradient (last) does not go back
+            back = {j: tensors[:n] for j, tensors in whole.items()}
+            returned = scatter_from_owners(back, [s[:n] for s in shapes], owners, torch.float32, group=pg)
+            for i, shards in zip(bucket, returned):
+                for target, shard in zip(fields[i].values(), shards):
+                    _local(target).copy_(shard)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -52,9 +52,13 @@ class LipNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.shift(self.basis(x + self.pos))
-        # M R^T as one C x C matrix: 2C^3 FLOPs per step instead of 2TC^2 for T
-        # tokens, a third of the block's matmul work while T > C.
-        mixed = F.linear(x, self.mix.weight @ self.basis.weight.T, self.mix.bias)
+        # With T tokens per step, forming M R^T costs 2C^3 FLOPs and saves
+        # applying R^T, 2TC^2 (a third of the block's matmuls): worth it, in
+        # backward too, exactly when T > C.
+        if x.numel() // x.shape[-1] > x.shape[-1]:
+            mixed = F.linear(x, self.mix.weight @ self.basis.weight.T, self.mix.bias)
+        else:
+            mixed = self.mix(F.linear(x, self.basis.weight.T))
         return self.act(mixed)
 
 
@@ -118,8 +122,8 @@ def param_counts(config: LipNeXtConfig) -> dict[str, int]:
 def train_flops_per_sample(config: LipNeXtConfig, batch: int) -> float:
     """Forward + backward FLOPs per sample at a given batch, counted by
     FlopCounterMode on the meta device (nothing runs, nothing is allocated).
-    It depends on the batch: M R^T costs 2 W^3 per block per step, shared by
-    the batch."""
+    It depends on the batch: once a step has more tokens than channels, M R^T
+    is formed for 2 W^3 per block per step, shared by the batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):

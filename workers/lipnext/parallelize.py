@@ -9,24 +9,25 @@ import contextlib
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lipnext.model import LipNeXt
 
 
-def apply_fsdp(model: LipNeXt, mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> None:
+def apply_fsdp(model: LipNeXt, mesh: DeviceMesh) -> None:
     """fully_shard every block, then the root (normalisation, stem, head).
 
     Per-block units so only one block's weights are gathered at a time - a
     1B model never exists whole on a rank; the root last, as it owns what is
-    left. Gradients are reduced in fp32 whatever the compute dtype, and the
-    sharded weights the optimizer updates stay fp32.
+    left. Weights are gathered in fp32: bf16 compute comes from autocast,
+    so that certification can run the same model in fp32 (a bf16
+    MixedPrecisionPolicy would make every forward bf16, off the manifold by
+    ~1e-2 per matrix).
     """
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 @contextlib.contextmanager
