@@ -225,11 +225,16 @@ class ManifoldAdamW(torch.optim.Optimizer):
             manifold="euclidean",
         )
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            if group["manifold"] not in ("euclidean", "stiefel"):
-                raise ValueError(f"manifold must be 'euclidean' or 'stiefel', got {group['manifold']!r}")
-            if group["manifold"] == "stiefel" and group["weight_decay"]:
+
+    def add_param_group(self, group: dict) -> None:
+        manifold = group.get("manifold", "euclidean")
+        if manifold not in ("euclidean", "stiefel"):
+            raise ValueError(f"manifold must be 'euclidean' or 'stiefel', got {manifold!r}")
+        if manifold == "stiefel":  # the default weight_decay is for Euclidean groups only
+            if group.get("weight_decay"):
                 raise ValueError("weight_decay would pull orthogonal matrices off their manifold")
+            group["weight_decay"] = 0.0
+        super().add_param_group(group)
 
     def _state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]

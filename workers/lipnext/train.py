@@ -199,9 +199,6 @@ def train(config: TrainConfig, session) -> dict:
         reorthogonalize_every=o.reorthogonalize_every,
         ema_decay=o.ema_decay,
     )
-    for group in optimizer.param_groups:  # orthogonal matrices take no weight decay
-        if group["manifold"] == "stiefel":
-            group["weight_decay"] = 0.0
     total_steps = config.epochs * len(train_loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, o.warmup_fraction))
     progress = checkpoint.Progress()
