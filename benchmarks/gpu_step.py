@@ -1,0 +1,118 @@
+"""bf16 train-step throughput and peak memory of imagenet-1b and width/depth
+slices of it on one GPU, with model FLOP utilisation (MFU).
+
+Each case: LipNeXt built on meta and materialised on the GPU, ManifoldAdamW,
+autocast bf16 (fp32 weights and optimizer state), steps timed with CUDA
+events after warm-up. MFU = model FLOPs (forward + backward, FlopCounterMode)
+per second / the GPU's dense bf16 peak; the optimizer's matmuls are reported
+separately as overhead, not counted as useful work. The measured torch.mm
+bf16 rate is recorded beside the nominal peak.
+
+    python benchmarks/gpu_step.py                   # on a GPU machine: writes results/gpu_step.json
+    python benchmarks/gpu_step.py --smoke           # CPU, tiny, seconds: checks the script runs
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from harness import write_result
+
+from lipnext import LipNeXt, preset
+from lipnext.certify import offset_cross_entropy
+from lipnext.manifold import ManifoldAdamW, param_groups
+from lipnext.model import train_flops_per_sample
+from lipnext.parallelize import materialize
+
+NOMINAL_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
+CASES = [  # (name, preset overrides, batch): slices of imagenet-1b, then the whole
+    ("L8W4096", dict(depth=8), 64),
+    ("L32W1024", dict(width=1024), 64),
+    ("L32W2048", dict(width=2048), 64),
+    ("imagenet-1b", {}, 32),
+    ("imagenet-1b", {}, 64),
+]
+
+
+def _timer(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def measure(config, batch, device, steps, warmup=3) -> dict:
+    with torch.device("meta"):
+        model = LipNeXt(config)
+    materialize(model, device, seed=0)
+    opt = ManifoldAdamW(param_groups(model), lr=1e-4)
+    x = torch.rand(batch, config.in_channels, config.image_size, config.image_size, device=device)
+    y = torch.randint(0, config.num_classes, (batch,), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step_times, opt_times = [], []
+    for i in range(warmup + steps):
+        start = _timer(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(x)
+        loss = offset_cross_entropy(logits.float(), y, eps=36 / 255)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        mid = _timer(device)
+        opt.step()
+        end = _timer(device)
+        if i >= warmup:
+            step_times.append(end - start)
+            opt_times.append(end - mid)
+    step = statistics.median(step_times)
+    flops = train_flops_per_sample(config, batch) * batch
+    return {
+        "batch": batch,
+        "params": sum(p.numel() for p in model.parameters()),
+        "step_s": step,
+        "optimizer_s": statistics.median(opt_times),
+        "samples_per_s": batch / step,
+        "model_flops_per_step": flops,
+        "model_flops_per_s": flops / step,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+    }
+
+
+def mm_rate(device, n=8192) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start = _timer(device)
+    for _ in range(10):
+        a @ b
+    return 10 * 2 * n**3 / (_timer(device) - start)
+
+
+def main(smoke: bool, steps: int):
+    device = torch.device("cpu" if smoke else "cuda")
+    cases = [("tiny", dict(), 64)] if smoke else CASES
+    name = "cpu" if smoke else torch.cuda.get_device_name()
+    nominal = next((v for k, v in NOMINAL_BF16_FLOPS.items() if k in name), None)
+    result = {"device": name, "nominal_bf16_flops_per_s": nominal, "mm_bf16_flops_per_s": mm_rate(device, 256 if smoke else 8192)}
+    result["cases"] = []
+    for label, overrides, batch in cases:
+        config = preset("tiny" if smoke else "imagenet-1b", **overrides)
+        try:
+            case = measure(config, batch, device, steps)
+        except torch.OutOfMemoryError as e:  # a size that does not fit is a result too
+            case = {"batch": batch, "out_of_memory": str(e).splitlines()[0]}
+        if nominal and "model_flops_per_s" in case:
+            case["mfu"] = case["model_flops_per_s"] / nominal
+        result["cases"].append({"case": label, **case})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    write_result("gpu_step_smoke" if smoke else "gpu_step", result)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny preset: checks the script runs")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    main(args.smoke, args.steps)

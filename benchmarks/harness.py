@@ -1,0 +1,49 @@
+"""Shared timing for the ratio benchmarks: the machines are noisy, so variants
+are timed interleaved (A, B, A, B, ...) after a warm-up, and medians compared."""
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def time_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each fn, calls alternating between fns."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def mm_flops_per_s(n: int = 1024, dtype=torch.float32, repeats: int = 10) -> float:
+    """Measured dense torch.mm throughput on this machine: the roofline to compare with."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    seconds = time_interleaved({"mm": lambda: torch.mm(a, b)}, repeats)["mm"]
+    return 2 * n**3 / seconds
+
+
+def write_result(name: str, result: dict) -> Path:
+    result["machine"] = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return path
