@@ -218,3 +218,14 @@ def test_cli_measures_the_flop_rate_when_none_is_given(capsys):
     assert main(["plan", "tiny", "--batch", "8"]) == 0
     out = capsys.readouterr().out
     assert "step time" in out and "measured on this machine" in out
+
+
+def test_the_exchange_buckets_bound_the_optimizer_step_transient():
+    """A 1B model's matrices go to their owners a bucket at a time: a smaller
+    bucket budget means a smaller transient of the optimizer step."""
+    config = preset("imagenet-1b")
+    small, large = (
+        plan(config, batch=8, world_size=8, optimizer=dict(exchange_bucket_mb=mb)).memory.optimizer_step
+        for mb in (64, 4096)
+    )
+    assert small < large / 4

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from lipnext import PRESETS, LipNeXt, LipNeXtConfig, preset
-from lipnext.manifold import ManifoldAdamW, param_groups
+from lipnext.manifold import ManifoldAdamW, exchange_buckets, param_groups
 from lipnext.owner_exchange import assign_owners
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -167,7 +167,9 @@ def plan(
         config=config, batch=batch, world_size=world_size, dtype=dtype,
         params=sum(p.numel() for p in model.parameters()),
         forward_flops=forward, train_flops=train,
-        optimizer_flops=max(sum(_update_flops(shape) for shape, _ in mine) for mine in owned),
+        optimizer_flops=max(
+            sum(_update_flops(shape) for bucket in owned for shape, _ in bucket[rank]) for rank in range(world_size)
+        ),
         memory=_memory(config, model, opt, owned, batch, world_size, DTYPE_BYTES[dtype]),
         flops_per_s=flops_per_s,
     )
@@ -186,13 +188,19 @@ def _state_shapes(opt: ManifoldAdamW, p: torch.Tensor, group: dict) -> list[tupl
     return [tuple(t.shape) for t in opt._state(p, group).values() if t.dim() > 0]
 
 
-def _owned_matrices(opt: ManifoldAdamW, world: int) -> list[list]:
-    """Per rank, [(weight shape, state shapes)] of the orthogonal matrices it
-    updates, by the optimizer's own owner assignment."""
+def _owned_matrices(opt: ManifoldAdamW, world: int) -> list[list[list]]:
+    """Per exchange bucket, per rank, [(weight shape, state shapes)] of the
+    orthogonal matrices it updates: the optimizer's own bucketing and owner
+    assignment (one bucket when unsharded)."""
     group = next(g for g in opt.param_groups if g["manifold"] == "stiefel")
     matrices = [(tuple(p.shape), _state_shapes(opt, p, group)) for p in group["params"]]
+    if world == 1:
+        return [[matrices]]
+    # Whole fp32 fields per matrix: weight, state and gradient.
+    sizes = [FP32 * sum(math.prod(s) for s in [shape, *states, shape]) for shape, states in matrices]
     owners = assign_owners([max(shape) for shape, _ in matrices], world)
-    return [[m for m, o in zip(matrices, owners) if o == rank] for rank in range(world)]
+    buckets = exchange_buckets(sizes, group["exchange_bucket_mb"] * 2**20 * world)
+    return [[[matrices[i] for i in bucket if owners[i] == rank] for rank in range(world)] for bucket in buckets]
 
 
 def _memory(config, model, opt, owned, batch, world, c) -> Memory:
@@ -227,18 +235,19 @@ def _memory(config, model, opt, owned, batch, world, c) -> Memory:
         gathered += FP32 * (root + 4 * block)
     return Memory(
         params=weights, grads=weights, optimizer=FP32 * state, activations=activations, gathered=gathered,
-        optimizer_step=FP32 * _optimizer_step(owned, world),
+        optimizer_step=FP32 * max(_optimizer_step(bucket, world) for bucket in owned),
     )
 
 
 def _optimizer_step(owned: list[list], world: int) -> int:
-    """Elements held for the manifold update beyond the persistent state, on
-    the rank that holds the most.
+    """Elements held for the manifold update of one exchange bucket (`owned`:
+    its matrices per rank) beyond the persistent state, on the rank that
+    holds the most.
 
     One update's temporaries: the direction, denominator, step and FastExp's
     powers, about 8 n x n for the largest matrix. Sharded, every rank also
-    packs its rows of every matrix's fields (weight, state, gradient) for one
-    all_to_all to the owners and concatenates them, receives the rows of the
+    packs its rows of every matrix's fields (weight, state, gradient) in the
+    bucket for one all_to_all to the owners and concatenates them, receives the rows of the
     matrices it owns and assembles them whole; after the update it packs and
     concatenates their rows for the way back while receiving its own.
     """

@@ -162,17 +162,16 @@ def _zeros(p: torch.Tensor, shape) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.float32, device=p.device)
 
 
-def _buckets(tensors: list[list[torch.Tensor]], budget_bytes: float) -> list[list[int]]:
-    """Consecutive groups of matrices whose whole tensors (all fields, global
-    shapes, fp32) add up to at most budget_bytes; a larger matrix goes alone."""
-    buckets, size = [[]], 0
-    for i, fields in enumerate(tensors):
-        nbytes = 4 * sum(t.numel() for t in fields)
-        if buckets[-1] and size + nbytes > budget_bytes:
+def exchange_buckets(sizes: list[int], budget_bytes: float) -> list[list[int]]:
+    """Consecutive groups of matrices whose whole tensors (`sizes` in bytes,
+    all fields) add up to at most budget_bytes; a larger matrix goes alone."""
+    buckets, total = [[]], 0
+    for i, nbytes in enumerate(sizes):
+        if buckets[-1] and total + nbytes > budget_bytes:
             buckets.append([])
-            size = 0
+            total = 0
         buckets[-1].append(i)
-        size += nbytes
+        total += nbytes
     return buckets
 
 
@@ -303,9 +302,12 @@ class ManifoldAdamW(torch.optim.Optimizer):
         pg = params[0].device_mesh.get_group()
         world = torch.distributed.get_world_size(pg)
         sent = [[*f.values(), p.grad] if with_grad else list(f.values()) for p, f in zip(params, fields)]
-        for bucket in _buckets(sent, group["exchange_bucket_mb"] * 2**20 * world):
+        # Owners balance the work over all matrices; buckets only bound memory.
+        all_owners = assign_owners([max(p.shape) for p in params], world)
+        sizes = [4 * sum(t.numel() for t in fields) for fields in sent]  # fp32, global shapes
+        for bucket in exchange_buckets(sizes, group["exchange_bucket_mb"] * 2**20 * world):
             shapes = [[tuple(t.shape) for t in sent[i]] for i in bucket]
-            owners = assign_owners([max(params[i].shape) for i in bucket], world)
+            owners = [all_owners[i] for i in bucket]
             local = [[_local(t).float() for t in sent[i]] for i in bucket]
             whole = gather_to_owners(local, shapes, owners, group=pg)
             for j, tensors in whole.items():
