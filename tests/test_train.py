@@ -102,3 +102,18 @@ def test_invalid_train_configs_name_the_field(changes, field):
 def test_train_config_round_trips_through_a_dict():
     config = TrainConfig(model=preset("digits"), data=DataConfig(uri="s3://b/d", batch_size=64), precision="bf16")
     assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_bf16_training_tracks_fp32_and_certifies_in_fp32(digits_shards):
+    """bf16 compute over fp32 weights and optimizer state ends close to fp32
+    training; evaluation runs fp32, so the certificate's bound is that of the
+    fp32 weights (~1, not the ~1e-2 per-matrix error of bf16-rounded ones)."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        config = TrainConfig(
+            model=preset("tiny"), data=DataConfig(uri=digits_shards, batch_size=100), epochs=3, precision=precision
+        )
+        runs[precision] = train(config, LocalSession(config.checkpoint))
+    for key in ("eval/clean_acc", "eval/cra_36"):
+        assert abs(runs["bf16"][key] - runs["fp32"][key]) <= 0.05, key
+    assert runs["bf16"]["model/lipschitz_bound"] < 1.01 * runs["fp32"]["model/lipschitz_bound"]
