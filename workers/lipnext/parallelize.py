@@ -55,16 +55,23 @@ def materialize(model: LipNeXt, device: torch.device, seed: int) -> None:
     to exactly the weights `LipNeXt.init_weights(seed)` gives an unsharded model.
 
     QR cannot run on a row shard, so each part is initialised whole on the
-    CPU from its own generator, one part at a time (peak: one block), and
-    each rank keeps its rows.
+    CPU from its own generator, one part at a time (peak: one block). A
+    sharded part is initialised by one rank, round-robin, which scatters the
+    rows to the others: the QRs of a 1B model are split over the ranks
+    instead of repeated on each.
     """
     model.to_empty(device=device)
     for i, part in enumerate(model.parts()):
         with _on_cpu_in_full(part) as swapped:
-            part.init_weights(model.part_generator(seed, i))
+            sharded = [o for _, o, _ in swapped.values() if isinstance(o, DTensor)]
+            # Only a part that is sharded throughout can leave its init to one rank.
+            mesh = sharded[0].device_mesh if len(sharded) == len(swapped) else None
+            owner = i % mesh.size() if mesh else None
+            if mesh is None or mesh.get_local_rank() == owner:
+                part.init_weights(model.part_generator(seed, i))
             for store, original, whole in swapped.values():
                 if isinstance(original, DTensor):
-                    local = distribute_tensor(whole, original.device_mesh, original.placements, src_data_rank=None)
+                    local = distribute_tensor(whole, original.device_mesh, original.placements, src_data_rank=owner)
                     original.to_local().copy_(local.to_local())
                 else:
                     original.copy_(whole)
