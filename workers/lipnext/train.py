@@ -69,14 +69,19 @@ class LocalSession:
 
 
 class RaySession:
-    """Inside a Ray Train worker: report through ray.train, checkpoints handed
-    to Ray, which merges the ranks' shard files into the run's storage."""
+    """Inside Ray: report through `api`, checkpoints handed to Ray, which merges
+    the ranks' shard files into the run's storage. `api` is ray.train in a Ray
+    Train worker (the default), ray.tune in a Tune trial that trains in its own
+    process (no worker group to start)."""
+
+    def __init__(self, api=None):
+        if api is None:
+            import ray.train as api
+        self.api = api
 
     @contextlib.contextmanager
     def checkpoint_to_restore(self):
-        import ray.train
-
-        restored = ray.train.get_checkpoint()
+        restored = self.api.get_checkpoint()
         if restored is None:
             yield None
         else:
@@ -89,9 +94,7 @@ class RaySession:
             yield Path(directory)
 
     def report(self, metrics: dict, saved: Path | None) -> None:
-        import ray.train
-
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(saved) if saved else None)
+        self.api.report(metrics, checkpoint=self.api.Checkpoint.from_directory(saved) if saved else None)
 
 
 def resolve_device(name: str) -> torch.device:
