@@ -1,0 +1,165 @@
+"""MLflow bookkeeping of a study, through MlflowClient and explicit run ids.
+
+Not Ray's MLflowLoggerCallback: it keeps its trial-to-run map in driver memory,
+so every restore would open new runs, and it has no parent runs
+(../shared/reference/ecosystem.md). Here:
+
+- one experiment per study (artifacts under the study root for local stores);
+- one parent run per study, found again by its tag, its id in the Optuna
+  study's user attrs;
+- one child run per trial (tag mlflow.parentRunId), found again by the tag
+  `lipscale.trial` (the Optuna trial number) and its id kept in the trial's
+  user attrs, so a retried or resumed trial continues its own run;
+- params logged once (MLflow refuses a changed value); metrics at
+  step = epoch, from the driver, skipping epochs already logged (a trial
+  resumed from an earlier checkpoint reports them again);
+- system metrics sampled in the trial's own process.
+"""
+
+import contextlib
+import tempfile
+import time
+
+import fsspec
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from lipnext.train_config import TrainConfig
+from lipscale.spec import Spec
+
+STUDY_TAG = "lipscale.study"
+TRIAL_TAG = "lipscale.trial"
+STATE_TAG = "lipscale.state"
+PARENT_ATTR = "mlflow_parent_run_id"
+"""Optuna study user attr: the parent run."""
+RUN_ATTR = "mlflow_run_id"
+"""Optuna trial user attr: the trial's child run."""
+NAMESPACES = ("eval/", "train/", "perf/", "model/")
+"""Keys of a trial's report that are metrics (the rest is Tune's bookkeeping)."""
+SERVERS = ("http", "https", "databricks")
+"""Tracking URIs whose server decides where artifacts go."""
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{'model': {'width': 64}} -> {'model.width': 64}"""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class Tracking:
+    """The study's MLflow experiment. Holds URIs only (it travels pickled in Ray
+    Tune's experiment state); a client is made per use (MLflow caches the store)."""
+
+    def __init__(self, spec: Spec):
+        self.uri = spec.mlflow_uri
+        self.experiment = spec.name
+        local = self.uri.split(":", 1)[0] not in SERVERS
+        self.artifact_location = f"{spec.root}/mlartifacts" if local else None
+        self._logged: dict[str, int] = {}
+
+    def __setstate__(self, state: dict):
+        # Epochs logged are re-read from MLflow after a restore, never taken from a stale pickle.
+        self.__dict__.update(state, _logged={})
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.uri)
+
+    def experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        return self.client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+
+    def _find(self, tags: dict[str, str]) -> str | None:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id()], query, max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def _get_or_create(self, tags: dict[str, str], name: str, more_tags: dict[str, str]) -> str:
+        run_id = self._find(tags)
+        if run_id is None:
+            run_id = self.client.create_run(self.experiment_id(), run_name=name, tags={**tags, **more_tags}).info.run_id
+        return run_id
+
+    # --- the study's parent run ---
+
+    def parent_run(self, study, spec: Spec) -> str:
+        """Get or create the study's run, marked RUNNING; its id goes into the Optuna study."""
+        run_id = self._get_or_create({STUDY_TAG: spec.name}, spec.name, {})
+        self._log_params_once(run_id, flatten(spec.model_dump(by_alias=True, exclude_none=True)))
+        self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        if study.user_attrs.get(PARENT_ATTR) != run_id:
+            study.set_user_attr(PARENT_ATTR, run_id)
+        return run_id
+
+    # --- a trial's child run ---
+
+    def child_run(self, parent_id: str, number: int, config: TrainConfig, run_id: str | None = None) -> str:
+        """The run of Optuna trial `number`: `run_id` (a retry carries its first run's), the
+        run tagged with the number, or a new one; its params are the trial's whole config."""
+        tags = {TRIAL_TAG: str(number)}
+        if run_id is None:
+            run_id = self._get_or_create(tags, f"trial-{number:04d}", {MLFLOW_PARENT_RUN_ID: parent_id})
+        else:
+            self.client.set_tag(run_id, TRIAL_TAG, str(number))
+        self._log_params_once(run_id, flatten(config.to_dict()))
+        return run_id
+
+    def _log_params_once(self, run_id: str, params: dict) -> None:
+        if not self.client.get_run(run_id).data.params:
+            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def log_result(self, run_id: str, result: dict) -> None:
+        """A trial's report as metrics at step = epoch, unless that epoch is logged already."""
+        epoch = int(result["epoch"])
+        if run_id not in self._logged:
+            history = self.client.get_metric_history(run_id, "train/loss")
+            self._logged[run_id] = max((m.step for m in history), default=0)
+        if epoch <= self._logged[run_id]:
+            return
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), now, epoch)
+            for k, v in result.items()
+            if k.startswith(NAMESPACES) and isinstance(v, (int, float))
+        ]
+        self.client.log_batch(run_id, metrics=metrics)
+        self._logged[run_id] = epoch
+
+    def finish(self, run_id: str, state: str) -> None:
+        """Closes a trial's run with its Optuna state (COMPLETE, PRUNED or FAIL), once."""
+        if self.client.get_run(run_id).info.status != "RUNNING":
+            return
+        self.client.set_tag(run_id, STATE_TAG, state)
+        self.client.set_terminated(run_id, "FAILED" if state == "FAIL" else "FINISHED")
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def log_checkpoint(self, run_id: str, uri: str) -> None:
+        """Copies a checkpoint (a local path or s3:// URI) into the run's artifacts, once."""
+        if self.client.list_artifacts(run_id, "checkpoint"):
+            return
+        fs, path = fsspec.core.url_to_fs(uri)
+        with tempfile.TemporaryDirectory(prefix="lipscale-checkpoint-") as local:
+            fs.get(path.rstrip("/") + "/", local, recursive=True)
+            self.client.log_artifacts(run_id, local, "checkpoint")
+
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str):
+        """Samples CPU, memory, disk, network (and GPU) into the run while the block runs."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()

@@ -1,0 +1,138 @@
+"""Study specs: what a valid one gives each trial, and the bad ones that
+`lipscale run` refuses before it creates anything, naming the field."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from servers import free_port
+
+from lipscale import cli
+from lipscale.spec import json_schema, load_spec, parse_spec
+
+SPECS = Path(__file__).parents[1] / "studies" / "specs"
+
+
+def small(root: Path) -> dict:
+    return {
+        "name": "small",
+        "storage": {"root": str(root)},
+        "dataset": {"name": "digits"},
+        "space": {"model.width": [32, 64], "optim.lr": {"low": 1e-3, "high": 1e-2, "log": True}},
+        "fixed": {"model": {"preset": "tiny"}, "data": {"batch_size": 64}},
+        "budget": {"trials": 2, "max_concurrent": 2, "epochs": 1},
+        "objective": {"metric": "eval/cra_36", "direction": "maximize"},
+    }
+
+
+def changed(spec: dict, path: str, value) -> dict:
+    """spec with the value at a dotted path replaced; under space, the rest of the path is one key."""
+    *parents, key = ["space", path.removeprefix("space.")] if path.startswith("space.") else path.split(".")
+    target = spec
+    for parent in parents:
+        target = target.setdefault(parent, {})
+    target[key] = value
+    return spec
+
+
+def test_a_valid_spec_gives_each_trial_its_config(tmp_path):
+    spec = parse_spec(small(tmp_path / "root"))
+    config = spec.train_config({"model.width": 64, "optim.lr": 0.005})
+    assert (config.model.width, config.model.depth, config.optim.lr) == (64, 2, 0.005)  # depth: the tiny preset's
+    assert config.data.uri == f"{tmp_path}/root/data/digits" and config.data.batch_size == 64
+    assert config.epochs == 1 and config.seed == 0
+    assert spec.optuna_url == f"sqlite:///{tmp_path}/root/optuna.db"
+    assert spec.mlflow_uri == f"sqlite:///{tmp_path}/root/mlflow.db"
+
+
+def test_the_default_root_is_under_runs_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = small(tmp_path)
+    del raw["storage"]
+    assert parse_spec(raw).root == f"{tmp_path}/runs/small"
+
+
+def test_smoke_test_is_two_one_epoch_trials_under_another_name(tmp_path):
+    smoke = parse_spec(small(tmp_path / "root")).smoke_test()
+    assert smoke.name == "small-smoke" and smoke.root == f"{tmp_path}/root-smoke"
+    assert (smoke.budget.trials, smoke.budget.epochs, smoke.budget.workers_per_trial) == (2, 1, 1)
+
+
+@pytest.mark.parametrize("path", sorted(SPECS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_spec_is_valid(path):
+    spec = load_spec(path)
+    assert spec.name == path.stem
+
+
+def test_the_committed_json_schema_is_current():
+    assert json.loads((SPECS / "schema.json").read_text()) == json_schema()
+
+
+def _unreachable_server() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+BAD = [
+    # (what is wrong, dotted path, value, words the error must contain)
+    ("unknown key", "colour", "red", ["colour", "Extra inputs"]),
+    ("unknown nested key", "fixed.optim.lrr", 0.1, ["fixed.optim.lrr"]),
+    ("wrong type", "budget.trials", "eight", ["budget.trials", "integer"]),
+    ("empty space", "space", {}, ["space: empty"]),
+    ("no choices", "space.model.width", [], ["space.model.width", "no choices"]),
+    ("width the shift groups cannot split", "space.model.width", [30, 64], ["model.width=30", "shift groups"]),
+    ("beta outside [0, 1]", "space.model.beta", [0.5, 1.5], ["model.beta=1.5", "beta must lie in [0, 1]"]),
+    ("negative budget", "budget.trials", -1, ["budget.trials", "greater than or equal to 1"]),
+    ("negative concurrency", "budget.max_concurrent", 0, ["budget.max_concurrent"]),
+    ("unknown parameter", "space.model.colour", [1], ["space.model.colour"]),
+    ("a parameter the runner sets", "space.data.uri", ["x"], ["space.data.uri"]),
+    ("range upside down", "space.optim.lr", {"low": 0.1, "high": 0.01}, ["space.optim.lr", "below high"]),
+    ("log range through zero", "space.optim.lr", {"low": 0, "high": 0.01, "log": True}, ["space.optim.lr", "low > 0"]),
+    ("continuous channel ratio", "space.model.beta", {"low": 0.2, "high": 0.8}, ["space.model.beta", "step"]),
+    ("choice of the wrong type", "space.model.depth", [2, "deep"], ["space.model.depth", "integer"]),
+    ("unknown metric", "objective.metric", "eval/cra_99", ["objective", "eval/cra_99"]),
+    ("grace period past the end", "scheduler", {"grace_period": 5}, ["scheduler.grace_period"]),
+    ("unknown preset", "fixed.model.preset", "huge", ["fixed.model.preset"]),
+    ("a field the runner sets", "fixed.data.uri", "x", ["fixed.data", "set by the runner"]),
+    ("cuda without GPUs", "fixed.device", "cuda", ["fixed.device", "gpus_per_worker"]),
+    ("batch that does not split", "budget.workers_per_trial", 3, ["data.batch_size", "workers_per_trial=3"]),
+    ("bad study name", "name", "my study/1", ["name", "pattern"]),
+    ("dataset without shards", "dataset", {"name": "cifar10"}, ["dataset.uri", "lipscale data convert"]),
+    ("s3 root, default SQLite", "storage.root", "s3://bucket/study", ["storage.optuna", "s3://"]),
+    ("unknown storage scheme", "storage.optuna", "redis://127.0.0.1/0", ["storage.optuna", "redis"]),
+    ("trial too big for its memory", "budget.memory_per_worker_gib", 0.0001, ["budget.memory_per_worker_gib", "GiB"]),
+    # checked by reaching out, still creating nothing:
+    ("unreachable tracking server", "storage.mlflow", _unreachable_server(), ["storage.mlflow", "does not answer"]),
+    (
+        "store under a file",
+        "storage.optuna",
+        "sqlite:///{tmp}/spec.yaml/optuna.db",
+        ["storage.optuna", "cannot be created"],
+    ),
+    ("missing data", "dataset", {"name": "cifar10", "uri": "{tmp}/cifar10"}, ["dataset.uri", "no converted dataset"]),
+    ("data the model does not fit", "fixed.model.preset", "cifar-l8w256", ["fixed.model", "(1, 8, 8)"]),
+]
+
+
+@pytest.mark.parametrize("what, path, value, words", BAD, ids=[b[0] for b in BAD])
+def test_a_bad_spec_is_refused_naming_the_field_and_nothing_is_created(
+    what, path, value, words, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    if isinstance(value, str):
+        value = value.format(tmp=tmp_path)
+    elif isinstance(value, dict):
+        value = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in value.items()}
+    spec = changed(small(tmp_path / "root"), path, value)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert cli.main(["run", str(tmp_path / "spec.yaml")]) == 2
+    error = capsys.readouterr().err
+    for word in words:
+        assert word in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_a_file_that_is_not_a_mapping_is_refused(tmp_path, capsys):
+    (tmp_path / "spec.yaml").write_text("- just\n- a list\n")
+    assert cli.main(["run", str(tmp_path / "spec.yaml")]) == 2
+    assert "a spec is a mapping" in capsys.readouterr().err

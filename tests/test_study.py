@@ -1,0 +1,198 @@
+"""Studies on a real local Ray with SQLite Optuna and MLflow stores: what a
+finished study leaves behind, continuing one, and the trials a dead driver
+orphaned."""
+
+import mlflow
+import optuna
+import pytest
+import ray
+import torch
+import yaml
+from test_spec import small
+
+from lipnext import LipNeXt
+from lipnext.certify import lipschitz_bound
+from lipnext.checkpoint import load_model
+from lipscale import cli, results
+from lipscale.spec import METRICS, SpecError, parse_spec
+from lipscale.study import StudySearch, distributions, open_study, run
+from lipscale.tracking import PARENT_ATTR, RUN_ATTR, STATE_TAG, TRIAL_TAG, Tracking, flatten
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # System metrics 5 times a second (MLflow's default: every 10 s), so a trial of a second records some.
+    env = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env={"env_vars": env})
+    yield
+    ray.shutdown()
+
+
+def four_trial_spec(root) -> dict:
+    raw = small(root)
+    raw["space"]["model.depth"] = [1, 2]
+    raw["budget"] = {"trials": 4, "max_concurrent": 2, "epochs": 2}
+    raw["scheduler"] = {"kind": "fifo"}  # every trial to the end: 4 COMPLETE
+    return raw
+
+
+@pytest.fixture(scope="module")
+def finished(local_ray, tmp_path_factory):
+    """A 4-trial study on digits, run to the end; the spec is also written to spec.yaml."""
+    tmp = tmp_path_factory.mktemp("study")
+    raw = four_trial_spec(tmp / "root")
+    (tmp / "spec.yaml").write_text(yaml.safe_dump(raw))
+    spec = parse_spec(raw)
+    return spec, run(spec), tmp / "spec.yaml"
+
+
+def child_runs(spec, parent: str):
+    client = mlflow.MlflowClient(spec.mlflow_uri)
+    experiment = client.get_experiment_by_name(spec.name).experiment_id
+    return client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def test_four_trials_complete_with_a_parent_and_a_child_run_each(finished):
+    spec, study, _ = finished
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    client = mlflow.MlflowClient(spec.mlflow_uri)
+    experiment = client.get_experiment_by_name(spec.name).experiment_id
+    everything = client.search_runs([experiment])
+    parent = study.user_attrs[PARENT_ATTR]
+    children = child_runs(spec, parent)
+    assert len(everything) == 5 and len(children) == 4
+    assert client.get_run(parent).info.status == "FINISHED"
+    by_id = {r.info.run_id: r for r in children}
+    for trial in study.trials:
+        run_ = by_id[trial.user_attrs[RUN_ATTR]]
+        assert run_.data.tags[TRIAL_TAG] == str(trial.number)
+        assert (run_.info.status, run_.data.tags[STATE_TAG]) == ("FINISHED", "COMPLETE")
+        config = spec.train_config(trial.params)
+        assert run_.data.params == {k: str(v) for k, v in flatten(config.to_dict()).items()}
+
+
+def test_every_contract_metric_is_logged_at_every_evaluated_epoch(finished):
+    spec, study, _ = finished
+    client = mlflow.MlflowClient(spec.mlflow_uri)
+    for trial in study.trials:
+        run_id = trial.user_attrs[RUN_ATTR]
+        for metric in METRICS:
+            assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2], metric
+        assert trial.values[0] == client.get_run(run_id).data.metrics["eval/cra_36"]
+        assert any(k.startswith("system/") for k in client.get_run(run_id).data.metrics), "no system metrics"
+
+
+def test_the_results_table_has_a_row_per_trial(finished):
+    spec, study, _ = finished
+    table = results.read(spec.root).to_pylist()
+    assert [row["trial"] for row in table] == [0, 1, 2, 3]
+    for row, trial in zip(table, study.trials):
+        assert row["state"] == "COMPLETE" and row[RUN_ATTR] == trial.user_attrs[RUN_ATTR]
+        assert {k: row[k] for k in trial.params} == trial.params
+        assert row["objective/eval/cra_36"] == trial.values[0] == row["eval/cra_36"]
+        assert set(METRICS) <= set(row) and row["epoch"] == 2
+        assert row["checkpoint_uri"].startswith(f"{spec.root}/tune/trial-{trial.number:04d}/")
+
+
+def test_the_best_trials_final_checkpoint_is_an_artifact_of_its_run(finished, tmp_path):
+    spec, study, _ = finished
+    best = study.best_trial
+    assert _parent_tag(spec, study, "best_trials") == str(best.number)
+    local = mlflow.artifacts.download_artifacts(
+        run_id=best.user_attrs[RUN_ATTR],
+        artifact_path="checkpoint",
+        dst_path=str(tmp_path),
+        tracking_uri=spec.mlflow_uri,
+    )
+    model = LipNeXt(spec.train_config(best.params).model)
+    load_model(model, local)
+    with torch.no_grad():
+        assert lipschitz_bound(model) == pytest.approx(best.user_attrs[results.METRICS_ATTR]["model/lipschitz_bound"])
+
+
+def _parent_tag(spec, study, tag: str) -> str:
+    return mlflow.MlflowClient(spec.mlflow_uri).get_run(study.user_attrs[PARENT_ATTR]).data.tags[tag]
+
+
+def test_status_prints_every_trial_with_its_run(finished, capsys):
+    _, study, path = finished
+    assert cli.main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "4 trials (4 COMPLETE)" in out
+    for trial in study.trials:
+        assert trial.user_attrs[RUN_ATTR] in out
+    assert out.count("\n*") == 1  # the best, marked
+
+
+def test_running_a_finished_study_again_changes_nothing(finished):
+    spec, study, _ = finished
+    before = results.read(spec.root).to_pylist()
+    again = run(spec)
+    assert len(again.trials) == 4
+    assert len(child_runs(spec, study.user_attrs[PARENT_ATTR])) == 4
+    assert results.read(spec.root).to_pylist() == before
+
+
+def test_continuing_with_another_search_space_is_refused(finished):
+    spec, _, _ = finished
+    raw = four_trial_spec(spec.root)
+    raw["space"]["model.width"] = [32, 64, 128]
+    with pytest.raises(SpecError, match=r"space: changed since study 'small' began"):
+        run(parse_spec(raw), resume=True)
+
+
+def test_resume_refuses_a_study_that_never_began(tmp_path):
+    with pytest.raises(SpecError, match="no study 'small'"):
+        run(parse_spec(small(tmp_path / "root")), resume=True)
+    assert not (tmp_path / "root" / "optuna.db").exists()
+
+
+def test_a_trial_orphaned_by_a_dead_driver_is_rerun_with_its_params_and_run(local_ray, tmp_path):
+    spec = parse_spec(small(tmp_path / "root"))
+    study = open_study(spec, create=True)
+    tracking = Tracking(spec)
+    orphan = study.ask(distributions(spec))  # handed out, then the driver died
+    run_id = tracking.child_run(tracking.parent_run(study, spec), orphan.number, spec.train_config(orphan.params))
+    orphan.set_user_attr(RUN_ATTR, run_id)
+
+    study = run(spec)
+
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == spec.budget.trials and states[0] == "FAIL"
+    retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == orphan.number)
+    assert retry.params == orphan.params and retry.user_attrs[RUN_ATTR] == run_id
+    assert study.trials[0].user_attrs[results.REQUEUED_ATTR] == retry.number
+    assert len(child_runs(spec, study.user_attrs[PARENT_ATTR])) == spec.budget.trials
+    assert [row["trial"] for row in results.read(spec.root).to_pylist()] == [1, 2]
+
+
+def test_a_trial_stopped_early_by_the_scheduler_is_pruned(tmp_path):
+    raw = small(tmp_path / "root")
+    raw["budget"]["epochs"] = 4
+    spec = parse_spec(raw)
+    study = open_study(spec, create=True)
+    tracking = Tracking(spec)
+    search = StudySearch(
+        spec, optuna.storages.RDBStorage(spec.optuna_url), tracking, tracking.parent_run(study, spec), 0
+    )
+    config = search.suggest("a")
+    search.on_trial_complete("a", {"epoch": 2, "eval/cra_36": 0.5})
+    assert study.trials[config["trial"]["number"]].state == optuna.trial.TrialState.PRUNED
+    search.suggest("b")
+    search.on_trial_complete("b", {"epoch": 4, "eval/cra_36": 0.5})
+    assert study.trials[1].state == optuna.trial.TrialState.COMPLETE and study.trials[1].value == 0.5
+
+
+def test_a_trial_of_two_workers_runs_as_a_ray_train_job(local_ray, tmp_path):
+    raw = small(tmp_path / "root")
+    raw["space"] = {"model.width": [32]}
+    # Half a CPU each: the trial's own process holds a sliver of one of the two.
+    raw["budget"] = {"trials": 1, "epochs": 1, "workers_per_trial": 2, "cpus_per_worker": 0.5}
+    spec = parse_spec(raw)
+    (trial,) = run(spec).trials
+    assert trial.state.name == "COMPLETE"
+    assert trial.user_attrs[results.CHECKPOINT_ATTR].startswith(f"{spec.root}/train/trial-0000/")
+    history = mlflow.MlflowClient(spec.mlflow_uri).get_metric_history(trial.user_attrs[RUN_ATTR], "eval/cra_36")
+    assert [m.step for m in history] == [1] and history[0].value == trial.value
