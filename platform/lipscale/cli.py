@@ -14,10 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _subcommand_modules() -> list:
-    from lipscale import plan, study
+    from lipscale import plan, report, study
     from lipscale.data import convert
 
-    return [convert, plan, study]
+    return [convert, plan, report, study]
 
 
 def main(argv: list[str] | None = None) -> int:

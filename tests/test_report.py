@@ -1,0 +1,233 @@
+"""`lipscale fit` and `lipscale report` on a finished study.
+
+The study is real: four one-size-each trials of LipNeXt on digits, run by
+lipscale.study (Ray Tune, Optuna, MLflow), two epochs each (~1 min). Its
+report must exist as PNGs and one HTML page, be logged to the study's MLflow
+parent run, and the page must render offline in headless Chromium. Studies
+that cannot be fitted (one size, constant metrics, NaN rows) are described
+by hand-made rows and must give reasons, not tracebacks.
+"""
+
+import contextlib
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from lipscale import plots, report
+from lipscale.cli import main
+from lipscale.spec import load_spec
+from lipscale.study import open_study, run
+
+SHAPES = [(16, 1), (32, 1), (32, 2), (64, 2)]
+"""(width, depth) of the four trials: four parameter counts, enough for a law in N."""
+EPOCHS, BATCH = 2, 256
+
+
+def _write_spec(root: Path) -> Path:
+    spec = {
+        "name": "report-test",
+        "storage": {"root": str(root)},
+        "dataset": {"name": "digits"},
+        "space": {"model.width": [16, 32, 64], "model.depth": [1, 2]},
+        "fixed": {"model": {"preset": "digits"}, "data": {"batch_size": BATCH}, "checkpoint": {"every_epochs": 0}},
+        "budget": {"trials": len(SHAPES), "max_concurrent": 2, "epochs": EPOCHS},
+        "scheduler": {"kind": "fifo"},
+        "objective": {"metric": "eval/cra_36", "direction": "maximize"},
+    }
+    path = root.parent / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """A finished 4-trial study; returns its spec file. The shapes are queued in
+    Optuna before the run, which asks for queued trials first."""
+    path = _write_spec(tmp_path_factory.mktemp("study") / "root")
+    spec = load_spec(path)
+    Path(spec.root).mkdir()
+    study = open_study(spec, create=True)
+    for width, depth in SHAPES:
+        study.enqueue_trial({"model.width": width, "model.depth": depth})
+    try:
+        states = [t.state.name for t in run(spec).trials]
+    finally:
+        ray.shutdown()
+    assert states == ["COMPLETE"] * len(SHAPES), f"the study's trials did not all complete: {states} (Ray's log above)"
+    return path
+
+
+@pytest.fixture(scope="module")
+def reported(study) -> tuple[Path, str]:
+    """`lipscale report` of the study: (its output directory, what it printed)."""
+    out = load_spec(study).root + "/report"
+    printed = _run_cli(["report", str(study), "--resamples", "50"])
+    return Path(out), printed
+
+
+def _run_cli(argv: list[str]) -> str:
+    """What `lipscale ARGV` prints; it must succeed."""
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(argv) == 0
+    return printed.getvalue()
+
+
+# --- the report of a real study ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_report_prints_fits_with_intervals_and_the_1b_2b_extrapolation_with_its_warning(reported):
+    _, printed = reported
+    assert "report-test: 4 finished trials (4 COMPLETE)" in printed
+    assert f"errors at epoch {EPOCHS}, the last all were evaluated at" in printed  # FIFO: every trial to the end
+    assert (
+        "1 - eval/clean_acc vs N: err = E + A N^-alpha  (90% bootstrap intervals, 50 resamples, 4 trials, 4 distinct N)"
+        in printed
+    )
+    assert "largest N held out: mean |err - fit| =" in printed  # 4 sizes: the largest can be held out
+    assert "imagenet-1b (N = 1.08e+09): err " in printed and "imagenet-2b (N = 2.16e+09): err " in printed
+    assert "WARNING: the largest trained model has" in printed and "decades" in printed
+    # Two epochs certify nothing at eps = 1: a constant, reported, not fitted.
+    assert "1 - eval/cra_255 vs N: not fitted: every err equals 1.0" in printed
+
+
+@pytest.mark.slow
+def test_report_is_png_and_html_logged_to_the_studys_mlflow_parent_run(study, reported):
+    out, _ = reported
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(["scaling_params.png", "scaling_compute.png", "cra_vs_eps.png", "pareto.png",
+                              "trials.png", "report.html", "fits.txt"])  # fmt: skip
+    for png in out.glob("*.png"):
+        with Image.open(png) as image:
+            assert image.format == "PNG" and min(image.size) >= 150
+    page = (out / "report.html").read_text()
+    assert "<script src=" not in page  # plotly.js is inline: it renders offline
+    assert page.count("Plotly.newPlot") == 4  # scaling in N and in C, CRA against eps, Pareto
+
+    spec = load_spec(study)
+    parent = optuna.load_study(study_name=spec.name, storage=spec.optuna_url).user_attrs["mlflow_parent_run_id"]
+    logged = [a.path for a in MlflowClient(spec.mlflow_uri).list_artifacts(parent, "report")]
+    assert sorted(logged) == [f"report/{name}" for name in written]
+
+
+@pytest.mark.slow
+def test_the_html_report_renders_offline_in_headless_chromium(reported, tmp_path):
+    out, _ = reported
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("chromium is not installed (apt-get install -y chromium): the HTML report cannot be checked")
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--hide-scrollbars", "--window-size=1200,2000", "--virtual-time-budget=10000",
+         f"--screenshot={shot}", (out / "report.html").as_uri()],
+        capture_output=True, timeout=180, check=True,
+    )  # fmt: skip
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
+    assert (pixels < 250).any(axis=1).mean() > 0.05  # not a blank page
+    # The first metric's colour is drawn only by plotly.js: the script ran and plotted.
+    first = np.array([int(plots.PALETTE[0][i : i + 2], 16) for i in (1, 3, 5)])
+    assert (np.abs(pixels - first).sum(axis=1) < 30).sum() > 200
+
+
+@pytest.mark.slow
+def test_compute_is_flops_per_sample_times_the_samples_each_trial_trained_on(study):
+    trials = report.load_trials(load_spec(study))
+    steps_per_epoch = 1500 // BATCH  # digits: 1500 training images, the last partial batch dropped
+    f = trials.frame
+    assert list(f["samples"]) == [EPOCHS * steps_per_epoch * BATCH] * len(SHAPES)
+    np.testing.assert_allclose(f["compute"], f["model/flops_per_sample"] * EPOCHS * steps_per_epoch * BATCH)
+    assert list(f["model"]) == [f"L{d}W{w}" for w, d in SHAPES]
+
+
+@pytest.mark.slow
+def test_without_results_parquet_the_fits_come_from_the_mlflow_child_runs_unchanged(study, tmp_path):
+    root = Path(load_spec(study).root)
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy)
+    (copy / "results.parquet").unlink()
+    from_table = _run_cli(["fit", str(study), "--resamples", "20"])
+    from_mlflow = _run_cli(["fit", str(study), "--root", str(copy), "--resamples", "20"])
+    assert f"from {root}/results.parquet" in from_table.splitlines()[0]
+    assert "from MLflow child runs of run" in from_mlflow.splitlines()[0]
+    assert from_table.splitlines()[1:] == from_mlflow.splitlines()[1:]
+
+
+def test_a_study_that_never_ran_is_an_error_naming_it(tmp_path, capsys):
+    spec = _write_spec(tmp_path / "root")
+    assert main(["fit", str(spec)]) == 2
+    assert "no study 'report-test' to continue" in capsys.readouterr().err
+
+
+# --- studies that cannot be fitted ---------------------------------------------------------
+
+
+def _trials(**columns) -> report.Trials:
+    """Rows as load_trials gives them, made by hand: COMPLETE trials whose metrics,
+    at the end and at the common epoch alike, are the given columns."""
+    n = len(next(iter(columns.values())))
+    at_common = {k + report.AT_COMMON_EPOCH: v for k, v in columns.items() if k in report.ACCURACIES}
+    frame = pd.DataFrame({"trial": range(n), "state": "COMPLETE", "model": "L1W16", **columns, **at_common})
+    return report.Trials(frame, params=[], common_epoch=1, source="rows made by hand", parent_run="none")
+
+
+SIZES = [4640.0, 9168.0, 17440.0, 34000.0]
+DEGENERATE = {
+    "one size": (
+        _trials(
+            **{"model/params": [4640.0] * 4, "compute": [1e9, 2e9, 3e9, 4e9], "eval/clean_acc": [0.3, 0.4, 0.5, 0.6]}
+        ),
+        "1 - eval/clean_acc vs N: not fitted: n takes 1 distinct values; a saturating power law needs at least 3",
+    ),
+    "constant metrics": (
+        _trials(**{"model/params": SIZES, "compute": SIZES, "eval/clean_acc": [0.5] * 4}),
+        "1 - eval/clean_acc vs N: not fitted: every err equals 0.5: a constant shows no trend to fit",
+    ),
+    "NaN rows": (
+        _trials(**{"model/params": SIZES, "compute": SIZES, "eval/clean_acc": [0.3, np.nan, np.nan, 0.6]}),
+        "1 - eval/clean_acc vs N (2 trials without a finite value left out): not fitted: 2 points cannot determine",
+    ),
+    "no metric at all": (
+        _trials(**{"model/params": SIZES, "compute": SIZES}),
+        "1 - eval/cra_36 vs N (4 trials without a finite value left out): not fitted: no COMPLETE or PRUNED trial has "
+        "both eval/cra_36 at epoch 1 and model/params",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DEGENERATE)
+def test_a_study_that_cannot_be_fitted_says_why_and_still_gets_its_report(case, tmp_path):
+    trials, reason = DEGENERATE[case]
+    spec = load_spec(_write_spec(tmp_path / "root"))
+    laws = report.fit_laws(trials, resamples=10)
+    text = report.format_fits(spec, trials, laws, report.targets())
+    assert reason in text
+    files = report.write_report(spec, trials, laws, text, str(tmp_path / "report"))
+    assert all(f.stat().st_size > 0 for f in files)
+
+
+def test_the_law_in_n_compares_trials_at_the_last_epoch_all_of_them_were_evaluated_at():
+    # ASHA stopped two trials at epoch 3, one at 9; evaluations every 3 epochs, one at the end (10).
+    evaluated = [{3: 0.5}, {3: 0.6}, {3: 0.6, 6: 0.7, 9: 0.8}, {3: 0.6, 6: 0.7, 9: 0.8, 10: 0.85}]
+    assert report.common_epoch(evaluated) == 3
+    assert report.common_epoch(evaluated[2:]) == 9
+    assert report.common_epoch([{2: 0.5}, {3: 0.6}]) is None  # no shared epoch: nothing to compare at
+    assert report.common_epoch([]) is None
+
+
+def test_the_pareto_front_keeps_each_trial_that_no_cheaper_one_beats():
+    cost = np.array([4.0, 1.0, 2.0, 3.0, 2.0])
+    value = np.array([0.9, 0.2, 0.5, 0.4, 0.6])
+    # 1.0 -> 0.2, then 2.0 -> 0.6 (not 0.5, at the same cost), 3.0 -> 0.4 is beaten, 4.0 -> 0.9.
+    assert list(report.pareto_front(cost, value)) == [1, 4, 0]
