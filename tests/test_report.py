@@ -1,4 +1,4 @@
-"""`lipscale fit` and `lipscale report` on a finished study.
+"""`lipscale fit` and `lipscale report` on a finished study, and the dashboards.
 
 The study is real: four one-size-each trials of LipNeXt on digits, run by
 lipscale.study (Ray Tune, Optuna, MLflow), two epochs each (~1 min). Its
@@ -10,8 +10,12 @@ by hand-made rows and must give reasons, not tracebacks.
 
 import contextlib
 import io
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +26,14 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from servers import _wait_until_answering, free_port
 
 from lipscale import plots, report
 from lipscale.cli import main
 from lipscale.spec import load_spec
 from lipscale.study import open_study, run
 
+REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(16, 1), (32, 1), (32, 2), (64, 2)]
 """(width, depth) of the four trials: four parameter counts, enough for a law in N."""
 EPOCHS, BATCH = 2, 256
@@ -231,3 +237,31 @@ def test_the_pareto_front_keeps_each_trial_that_no_cheaper_one_beats():
     value = np.array([0.9, 0.2, 0.5, 0.4, 0.6])
     # 1.0 -> 0.2, then 2.0 -> 0.6 (not 0.5, at the same cost), 3.0 -> 0.4 is beaten, 4.0 -> 0.9.
     assert list(report.pareto_front(cost, value)) == [1, 4, 0]
+
+
+# --- the dashboards ------------------------------------------------------------------------
+
+
+def test_dashboards_report_py_is_lipscale_report():
+    done = subprocess.run([sys.executable, REPO / "dashboards" / "report.py", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: lipscale report [-h]"), done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, path",
+    [
+        ("mlflow_ui.sh", "/api/2.0/mlflow/experiments/get-by-name?experiment_name=report-test"),
+        ("optuna_dashboard.sh", "/api/studies"),
+    ],
+)
+def test_each_dashboard_serves_the_studys_own_store_on_localhost(study, script, path):
+    port = free_port()
+    server = subprocess.Popen([REPO / "dashboards" / script, str(study), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        _wait_until_answering(f"http://127.0.0.1:{port}{path}", server, timeout_s=120)
+        assert "report-test" in urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).read().decode()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # its session: the server and its workers (MLflow's uvicorn)
+        server.wait(timeout=30)
