@@ -1,0 +1,26 @@
+"""Scaling-law study of LipNeXt: width, depth, beta, shift and optimiser
+settings swept by Ray Tune + Optuna, every trial tracked in MLflow.
+
+On a laptop (the default spec, specs/digits.yaml: about 10 minutes on 2 CPU cores):
+
+    python studies/scaling_law.py
+    python studies/scaling_law.py --smoke-test          # two one-epoch trials: seconds
+
+On a cluster: as a job (its driver runs on the head node), or from a node of it:
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python studies/scaling_law.py --spec studies/specs/cifar10.yaml
+    RAY_ADDRESS=HEAD:6379 python studies/scaling_law.py --spec studies/specs/cifar10.yaml
+
+Stopped or killed, the same command continues the study from its Optuna
+storage and Ray Tune state; `--resume` insists on continuing (and refuses a
+spec whose search space changed). `lipscale status SPEC` lists the trials.
+"""
+
+import sys
+from pathlib import Path
+
+from lipscale.study import main
+
+if __name__ == "__main__":
+    sys.exit(main(default_spec=str(Path(__file__).parent / "specs" / "digits.yaml"), doc=__doc__))
