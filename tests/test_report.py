@@ -95,7 +95,7 @@ def _run_cli(argv: list[str]) -> str:
 def test_report_prints_fits_with_intervals_and_the_1b_2b_extrapolation_with_its_warning(reported):
     _, printed = reported
     assert "report-test: 4 finished trials (4 COMPLETE)" in printed
-    assert f"errors at epoch {EPOCHS}, the last all were evaluated at" in printed  # FIFO: every trial to the end
+    assert f"errors at the last epoch all were evaluated at: {EPOCHS}" in printed  # FIFO: every trial to the end
     assert (
         "1 - eval/clean_acc vs N: err = E + A N^-alpha  (90% bootstrap intervals, 50 resamples, 4 trials, 4 distinct N)"
         in printed
@@ -179,12 +179,12 @@ def test_a_study_that_never_ran_is_an_error_naming_it(tmp_path, capsys):
 # --- studies that cannot be fitted ---------------------------------------------------------
 
 
-def _trials(**columns) -> report.Trials:
-    """Rows as load_trials gives them, made by hand: COMPLETE trials whose metrics,
+def _trials(state: str = "COMPLETE", **columns) -> report.Trials:
+    """Rows as load_trials gives them, made by hand: trials in `state` whose metrics,
     at the end and at the common epoch alike, are the given columns."""
     n = len(next(iter(columns.values())))
     at_common = {k + report.AT_COMMON_EPOCH: v for k, v in columns.items() if k in report.ACCURACIES}
-    frame = pd.DataFrame({"trial": range(n), "state": "COMPLETE", "model": "L1W16", **columns, **at_common})
+    frame = pd.DataFrame({"trial": range(n), "state": state, "model": "L1W16", **columns, **at_common})
     return report.Trials(frame, params=[], common_epoch=1, source="rows made by hand", parent_run="none")
 
 
@@ -203,6 +203,10 @@ DEGENERATE = {
     "NaN rows": (
         _trials(**{"model/params": SIZES, "compute": SIZES, "eval/clean_acc": [0.3, np.nan, np.nan, 0.6]}),
         "1 - eval/clean_acc vs N (2 trials without a finite value left out): not fitted: 2 points cannot determine",
+    ),
+    "only failed trials": (
+        _trials("FAIL", **{"model/params": SIZES, "compute": SIZES, "eval/clean_acc": [0.3, 0.4, 0.5, 0.6]}),
+        "1 - eval/clean_acc vs N: not fitted: no trial finished COMPLETE or PRUNED",
     ),
     "no metric at all": (
         _trials(**{"model/params": SIZES, "compute": SIZES}),

@@ -215,7 +215,11 @@ def fit_laws(trials: Trials, *, resamples: int = 200, level: float = 0.9, seed: 
             err = 1 - _column(rows, metric + AT_COMMON_EPOCH if axis == "N" else metric)
             keep = np.isfinite(x) & np.isfinite(err)
             fit, reason = None, None
-            if not keep.any():
+            if rows.empty:
+                reason = "no trial finished COMPLETE or PRUNED"
+            elif axis == "N" and trials.common_epoch is None:
+                reason = "no epoch at which every COMPLETE or PRUNED trial was evaluated"
+            elif not keep.any():
                 when = f"at epoch {trials.common_epoch}" if axis == "N" else "at its end"
                 reason = f"no COMPLETE or PRUNED trial has both {metric} {when} and {column}"
             else:
@@ -246,11 +250,11 @@ def format_fits(spec: Spec, trials: Trials, laws: list[Law], sizes: dict[str, in
     f = trials.frame
     states = ", ".join(f"{n} {s}" for s, n in f["state"].value_counts().sort_index().items())
     n = _column(f, "model/params")
-    at = "no epoch" if trials.common_epoch is None else f"epoch {trials.common_epoch}"
+    at = "none" if trials.common_epoch is None else trials.common_epoch
     lines = [
         f"study {spec.name}: {len(f)} finished trials ({states}), from {trials.source}",
         "fitted: COMPLETE and PRUNED trials",
-        f"N = model/params, every parameter (stem, blocks, head); errors at {at}, the last all were evaluated at",
+        f"N = model/params, every parameter (stem, blocks, head); errors at the last epoch all were evaluated at: {at}",
         "C = model/flops_per_sample x samples seen (epochs x steps per epoch x batch); final errors",
     ]
     if np.isfinite(n).any():
