@@ -50,7 +50,12 @@ def test_the_default_root_is_under_runs_in_the_working_directory(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     raw = small(tmp_path)
     del raw["storage"]
-    assert parse_spec(raw).root == f"{tmp_path}/runs/small"
+    spec = parse_spec(raw)
+    assert spec.root == f"{tmp_path}/runs/small"
+    # Resolved once, on the driver: Ray Tune runs each trial in a directory of its own.
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert spec.root == f"{tmp_path}/runs/small"
 
 
 def test_smoke_test_is_two_one_epoch_trials_under_another_name(tmp_path):

@@ -239,6 +239,14 @@ class Spec(_Strict):
         return [value] if isinstance(value, dict) else value
 
     @model_validator(mode="after")
+    def _absolute_root(self):
+        # Ray Tune runs every trial in a working directory of its own: a
+        # relative root is resolved here, once, before the spec travels to them.
+        root = self.storage.root or f"runs/{self.name}"
+        self.storage.root = root if "://" in root else os.path.abspath(root)
+        return self
+
+    @model_validator(mode="after")
     def _check(self) -> "Spec":
         self._check_storage_urls()
         self._check_dataset()
@@ -252,8 +260,7 @@ class Spec(_Strict):
 
     @property
     def root(self) -> str:
-        root = self.storage.root or f"runs/{self.name}"
-        return root if "://" in root else os.path.abspath(root)
+        return self.storage.root
 
     @property
     def optuna_url(self) -> str:
