@@ -3,6 +3,8 @@
 Use a fixture by importing it into a test module: `from servers import s3_server`.
 """
 
+import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -35,11 +37,13 @@ def _wait_until_answering(url: str, process: subprocess.Popen, timeout_s: float 
     raise RuntimeError(f"{url} did not answer within {timeout_s} s")
 
 
-@pytest.fixture
-def s3_server(monkeypatch):
-    """A moto S3 server on a free port with an empty bucket `lipscale`. The
-    AWS_* variables point s3fs (and boto3) at it; s3fs's cached filesystems are
-    cleared on both sides so none keeps another endpoint. Yields the settings."""
+@contextlib.contextmanager
+def moto_server(bucket: str):
+    """A moto S3 server on a free port of 127.0.0.1 with an empty `bucket`.
+    While it runs, the AWS_* variables point s3fs, boto3 and pyarrow at it (and
+    any process started meanwhile: a local Ray's workers inherit them); s3fs's
+    cached filesystems are cleared on both sides so none keeps another
+    endpoint. Yields the settings."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
@@ -47,6 +51,7 @@ def s3_server(monkeypatch):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    saved = {}
     try:
         _wait_until_answering(endpoint, process)
         settings = dict(
@@ -55,12 +60,17 @@ def s3_server(monkeypatch):
             AWS_SECRET_ACCESS_KEY="testing",
             AWS_DEFAULT_REGION="us-east-1",
         )
-        for name, value in settings.items():
-            monkeypatch.setenv(name, value)
+        saved = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
         s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem().mkdir("lipscale")
-        yield dict(settings, bucket="lipscale", uri="s3://lipscale")
+        s3fs.S3FileSystem().mkdir(bucket)
+        yield dict(settings, bucket=bucket, uri=f"s3://{bucket}")
     finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         s3fs.S3FileSystem.clear_instance_cache()
         process.terminate()
         try:
@@ -68,3 +78,10 @@ def s3_server(monkeypatch):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def s3_server():
+    """moto_server with a bucket `lipscale`, for one test."""
+    with moto_server("lipscale") as settings:
+        yield settings

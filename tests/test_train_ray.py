@@ -5,9 +5,7 @@ settings of a moto server started first.
 """
 
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 
@@ -19,7 +17,7 @@ import torch
 from lipschitz_check import ascent_ratio, random_pair_ratio
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from servers import _wait_until_answering, free_port
+from servers import moto_server
 
 from lipnext import LipNeXt, preset
 from lipnext.certify import lipschitz_bound
@@ -33,31 +31,8 @@ EVAL = ["eval/clean_acc", "eval/cra_36", "eval/cra_72", "eval/cra_108", "train/l
 
 @pytest.fixture(scope="module")
 def s3():
-    port = free_port()
-    server = subprocess.Popen(
-        [shutil.which("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    settings = dict(
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    saved = {k: os.environ.get(k) for k in settings}
-    try:
-        _wait_until_answering(settings["AWS_ENDPOINT_URL"], server)
-        os.environ.update(settings)
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem().mkdir("runs")
+    with moto_server("runs"):
         yield s3fs.S3FileSystem()
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.terminate()
-        server.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
