@@ -78,12 +78,15 @@ def _attribute_docs(cls) -> dict[str, str]:
     }
 
 
+SECTIONS = {"model": LipNeXtConfig, "optim": OptimConfig, "loss": LossConfig, "data": DataConfig}
+"""The parts of a trial's TrainConfig that a space may search."""
+
+
 def _searchable() -> dict[str, type]:
-    """Dotted path -> type of every scalar field of a trial's config that a space may search."""
-    hints = get_type_hints(TrainConfig)
+    """Dotted path -> type of every scalar field of the sections (tuples cannot be Optuna choices)."""
     found = {}
-    for section in ("model", "optim", "loss", "data"):
-        for name, kind in get_type_hints(hints[section]).items():
+    for section, cls in SECTIONS.items():
+        for name, kind in get_type_hints(cls).items():
             scalars = [k for k in get_args(kind) if k is not type(None)] if isinstance(kind, UnionType) else [kind]
             if all(k in (int, float, str, bool) for k in scalars) and f"{section}.{name}" not in NOT_SEARCHED:
                 found[f"{section}.{name}"] = kind
@@ -123,8 +126,7 @@ class Range(_Strict):
 
 
 def _space_model() -> type[BaseModel]:
-    docs = {f"{s}.{k}": v for s, cls in (("model", LipNeXtConfig), ("optim", OptimConfig), ("loss", LossConfig),
-                                         ("data", DataConfig)) for k, v in _attribute_docs(cls).items()}  # fmt: skip
+    docs = {f"{section}.{k}": v for section, cls in SECTIONS.items() for k, v in _attribute_docs(cls).items()}
     return create_model(
         "Space",
         __config__=ConfigDict(extra="forbid"),
@@ -275,7 +277,7 @@ class Spec(_Strict):
         return self.dataset.uri or f"{self.root}/data/{DIGITS}"
 
     @property
-    def params(self) -> dict[str, list | Range]:
+    def params(self) -> dict[str, list | dict]:
         """The searched parameters by dotted path."""
         return self.space.model_dump(by_alias=True, exclude_none=True)
 
