@@ -1,5 +1,5 @@
-"""bf16 train-step throughput and peak memory of imagenet-1b and width/depth
-slices of it on one GPU, with model FLOP utilisation (MFU).
+"""bf16 train-step throughput and peak memory of imagenet-1b, width/depth
+slices of it and imagenet-2b on one GPU, with model FLOP utilisation (MFU).
 
 Each case: LipNeXt built on meta and materialised on the GPU, ManifoldAdamW,
 autocast bf16 (fp32 weights and optimizer state), steps timed with CUDA
@@ -26,12 +26,13 @@ from lipnext.model import train_flops_per_sample
 from lipnext.parallelize import materialize
 
 NOMINAL_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
-CASES = [  # (name, preset overrides, batch): slices of imagenet-1b, then the whole
-    ("L8W4096", dict(depth=8), 64),
-    ("L32W1024", dict(width=1024), 64),
-    ("L32W2048", dict(width=2048), 64),
-    ("imagenet-1b", {}, 32),
-    ("imagenet-1b", {}, 64),
+CASES = [  # (label, preset, overrides, batch): slices of imagenet-1b, the whole, then 2B
+    ("L8W4096", "imagenet-1b", dict(depth=8), 64),
+    ("L32W1024", "imagenet-1b", dict(width=1024), 64),
+    ("L32W2048", "imagenet-1b", dict(width=2048), 64),
+    ("imagenet-1b", "imagenet-1b", {}, 32),
+    ("imagenet-1b", "imagenet-1b", {}, 64),
+    ("imagenet-2b", "imagenet-2b", {}, 32),
 ]
 
 
@@ -91,20 +92,24 @@ def mm_rate(device, n=8192) -> float:
 
 def main(smoke: bool, steps: int):
     device = torch.device("cpu" if smoke else "cuda")
-    cases = [("tiny", dict(), 64)] if smoke else CASES
-    name = "cpu" if smoke else torch.cuda.get_device_name()
-    nominal = next((v for k, v in NOMINAL_BF16_FLOPS.items() if k in name), None)
-    result = {"device": name, "nominal_bf16_flops_per_s": nominal, "mm_bf16_flops_per_s": mm_rate(device, 256 if smoke else 8192)}
+    cases = [("tiny", "tiny", {}, 64)] if smoke else CASES
+    device_name = "cpu" if smoke else torch.cuda.get_device_name()
+    nominal = next((v for k, v in NOMINAL_BF16_FLOPS.items() if k in device_name), None)
+    result = {"device": device_name, "nominal_bf16_flops_per_s": nominal, "mm_bf16_flops_per_s": mm_rate(device, 256 if smoke else 8192)}
     result["cases"] = []
-    for label, overrides, batch in cases:
-        config = preset("tiny" if smoke else "imagenet-1b", **overrides)
+    for label, name, overrides, batch in cases:
+        config = preset(name, **overrides)
         try:
             case = measure(config, batch, device, steps)
         except torch.OutOfMemoryError as e:  # a size that does not fit is a result too
             case = {"batch": batch, "out_of_memory": str(e).splitlines()[0]}
         if nominal and "model_flops_per_s" in case:
             case["mfu"] = case["model_flops_per_s"] / nominal
+            # the optimizer's cost is per step, not per sample, and split over ranks by owner
+            forward_backward_s = case["step_s"] - case["optimizer_s"]
+            case["mfu_forward_backward"] = case["model_flops_per_step"] / forward_backward_s / nominal
         result["cases"].append({"case": label, **case})
+        print(label, {k: case[k] for k in ("batch", "samples_per_s", "mfu", "peak_memory_bytes", "out_of_memory") if k in case}, flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     write_result("gpu_step_smoke" if smoke else "gpu_step", result)
