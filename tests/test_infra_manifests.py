@@ -35,9 +35,9 @@ def closed(schema):
 
     def close(node):
         if isinstance(node, dict):
-            if "properties" in node and "additionalProperties" not in node:
-                if not node.get("x-kubernetes-preserve-unknown-fields"):
-                    node["additionalProperties"] = False
+            open_ = "additionalProperties" in node or node.get("x-kubernetes-preserve-unknown-fields")
+            if "properties" in node and not open_:
+                node["additionalProperties"] = False
             for value in node.values():
                 close(value)
         elif isinstance(node, list):
@@ -96,7 +96,7 @@ def test_the_raycluster_authenticates_autoscales_gpu_workers_and_reads_credentia
 def test_the_rayjob_runs_the_study_entry_with_a_committed_spec_on_that_cluster():
     job, cluster = manifest("rayjob.yaml"), manifest("raycluster.yaml")
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
-    workdir = re.search(r"^WORKDIR (\S+)$", (INFRA / "docker" / "Dockerfile").read_text(), re.M).group(1)
+    workdir = re.search(r"^WORKDIR (\S+)$", (INFRA / "docker" / "Dockerfile").read_text(), re.MULTILINE).group(1)
     python, script, flag, spec = job["spec"]["entrypoint"].split()
     assert (python, flag) == ("python", "--spec")
     assert (REPO / Path(script).relative_to(workdir)) == REPO / "studies" / "scaling_law.py"
