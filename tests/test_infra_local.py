@@ -9,6 +9,7 @@ import base64
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -22,13 +23,15 @@ import pytest
 import s3fs
 import yaml
 
-from lipscale.spec import METRICS, SpecError, check_storage, load_spec, redact
+from lipscale import cli
+from lipscale.spec import METRICS, redact
 from lipscale.tracking import PARENT_ATTR, RUN_ATTR
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).parents[1]
 SCRIPT = REPO / "infra" / "local" / "stack.py"
+DIGITS = REPO / "studies" / "specs" / "digits.yaml"
 _module = importlib.util.spec_from_file_location("stack", SCRIPT)
 stack_script = importlib.util.module_from_spec(_module)
 _module.loader.exec_module(stack_script)
@@ -48,7 +51,8 @@ def stack():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     try:
         up = subprocess.run([*command, "up"], env=env, capture_output=True, text=True, timeout=600, check=False)
-        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        logs = "".join(f"\n--- {log.name}\n{log.read_text()[-2000:]}" for log in Path(directory).glob("logs/*.log"))
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:] + logs
         yield stack_script.Stack(directory)
     finally:
         down = subprocess.run(
@@ -85,16 +89,18 @@ def mlflow_rest(stack, method: str, path: str, body: dict | None = None, user: t
         return e.code, e.read().decode(errors="replace")
 
 
+def digits_on_stack(stack) -> str:
+    """`stack.py spec` of the default digits spec."""
+    command = [sys.executable, str(SCRIPT), "--dir", str(stack.dir), "spec", str(DIGITS)]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
 @pytest.fixture(scope="module")
 def study_job(stack, tmp_path_factory):
     """The digits spec with the stack's URIs (`stack.py spec`), its smoke test submitted as a
     job from the repository, as users do; returns the job's log and what `submit` printed."""
     tmp = tmp_path_factory.mktemp("job")
-    printed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--dir", str(stack.dir), "spec", str(REPO / "studies/specs/digits.yaml")],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    (tmp / "digits.yaml").write_text(printed.stdout)
+    (tmp / "digits.yaml").write_text(digits_on_stack(stack))
     env = client_env(stack)
     job = f"lipscale-{uuid.uuid4().hex[:8]}"
     submit = ray_job(
@@ -109,11 +115,7 @@ def study_job(stack, tmp_path_factory):
 
 
 def test_the_stack_spec_differs_from_the_users_only_in_its_storage_uris(stack):
-    printed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--dir", str(stack.dir), "spec", str(REPO / "studies/specs/digits.yaml")],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    on_stack, original = yaml.safe_load(printed), yaml.safe_load((REPO / "studies/specs/digits.yaml").read_text())
+    on_stack, original = yaml.safe_load(digits_on_stack(stack)), yaml.safe_load(DIGITS.read_text())
     assert on_stack.pop("storage") == {
         "root": "s3://lipscale/studies/digits",
         "optuna": stack.uris["optuna"],
@@ -156,18 +158,19 @@ def test_mlflow_refuses_an_anonymous_write_and_a_wrong_password(stack):
     assert mlflow_rest(stack, "GET", "/api/2.0/mlflow/experiments/search?max_results=10")[0] == 200
 
 
-def test_a_wrong_mlflow_password_stops_a_study_before_anything_is_created(stack, tmp_path, monkeypatch):
-    raw = yaml.safe_load((REPO / "studies/specs/digits.yaml").read_text())
+def test_a_wrong_mlflow_password_stops_a_study_before_anything_is_created(stack, tmp_path, monkeypatch, capsys):
+    raw = yaml.safe_load(DIGITS.read_text())
     raw["storage"] = stack.storage("refused")
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     for name, value in client_env(stack, MLFLOW_TRACKING_PASSWORD="not-the-password").items():
         monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem.clear_instance_cache()  # none made with another endpoint or keys
     try:
-        with pytest.raises(SpecError, match="storage.mlflow: .* refuses this client"):
-            check_storage(load_spec(tmp_path / "spec.yaml"))
+        assert cli.main(["run", str(tmp_path / "spec.yaml")]) == 2
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+    assert re.search(r"storage.mlflow: http://127.0.0.1:\d+ refuses this client", capsys.readouterr().err)
+    assert "refused" not in optuna.get_all_study_names(stack.uris["optuna"])
     assert not s3(stack).exists("lipscale/studies/refused")
 
 

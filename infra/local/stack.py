@@ -68,10 +68,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(what: str, check, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def _wait(what: str, check, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while not check():
-        if process is not None and process.poll() is not None:
+        if process.poll() is not None:
             raise SystemExit(f"{what} exited with {process.returncode}; see {log}")
         if time.monotonic() > deadline:
             raise SystemExit(f"{what} did not come up within {START_TIMEOUT_S} s; see {log}")
@@ -321,9 +321,8 @@ class Stack:
     # --- down ----------------------------------------------------------------------------
 
     def down(self) -> None:
-        """Stops what `up` started, in reverse order; what is already gone is skipped."""
-        for name, pid in reversed(list(self.state.get("processes", {}).items())):
-            _stop_group(name, pid)
+        """Stops what `up` started; what is already gone is skipped."""
+        _stop_groups(self.state.get("processes", {}))
         pg = self.state.get("postgres")
         if pg and (self.pgdata / "postmaster.pid").exists():
             self._as_db_owner([f"{pg['bindir']}/pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop"])
@@ -345,22 +344,27 @@ def _alive_nodes(url: str, headers: dict) -> int:
     return sum(n["state"] == "ALIVE" for n in nodes)
 
 
-def _stop_group(name: str, pid: int, timeout_s: float = 15) -> None:
-    """SIGTERM to the process group `up` started (each process of a Ray node exits on it),
-    then SIGKILL to whatever of the group is left after `timeout_s` (a Ray head took 34 s to
+def _stop_groups(groups: dict[str, int], timeout_s: float = 15) -> None:
+    """SIGTERM to each process group `up` started (each process of a Ray node exits on it),
+    all at once; SIGKILL to what is left of them after `timeout_s` (a Ray head took 34 s to
     stop on its own, the MLflow server 19 s; what they hold is in PostgreSQL and S3)."""
     start = time.monotonic()
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    while _alive(pid) and time.monotonic() < start + timeout_s:
+    running = {}
+    for name, pid in groups.items():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            running[name] = pid
+        except ProcessLookupError:
+            pass
+    while any(_alive(pid) for pid in running.values()) and time.monotonic() < start + timeout_s:
         time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    print(f"stopped {name} in {time.monotonic() - start:.1f} s")
+    for name, pid in running.items():
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if running:
+        print(f"stopped {', '.join(running)} in {time.monotonic() - start:.1f} s")
 
 
 def _alive(pid: int) -> bool:
@@ -407,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     spec.add_argument("spec", metavar="SPEC")
     args = parser.parse_args(argv)
     stack = Stack(args.dir)
+    if args.command == "spec" and not stack.state:
+        raise SystemExit(f"no stack in {stack.dir}: `up` starts one")
     if args.command == "up":
         stack.up()
     elif args.command == "down":
