@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 
-from lipscale.spec import SpecError, load_spec
+from lipscale.spec import SpecError, load_spec, redact
 
 HOST = "127.0.0.1"
 """Local only: neither server authenticates anyone. Reach a remote one through an SSH tunnel."""
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which(argv[0]) is None:
         print(f"error: {argv[0]} is not installed: pip install -e '.[dashboards]'", file=sys.stderr)
         return 2
-    print(f"study {spec.name}: http://{HOST}:{args.port or default_port}  ({' '.join(argv)})", flush=True)
+    print(f"study {spec.name}: http://{HOST}:{args.port or default_port}  ({redact(' '.join(argv))})", flush=True)
     os.execvp(argv[0], argv)  # the server replaces this process: Ctrl-C stops it
 
 

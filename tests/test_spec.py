@@ -4,12 +4,14 @@
 import json
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from servers import free_port
 
 from lipscale import cli
-from lipscale.spec import json_schema, load_spec, parse_spec
+from lipscale.spec import json_schema, load_spec, parse_spec, redact
+from lipscale.tracking import Tracking
 
 SPECS = Path(__file__).parents[1] / "studies" / "specs"
 
@@ -141,3 +143,26 @@ def test_a_file_that_is_not_a_mapping_is_refused(tmp_path, capsys):
     (tmp_path / "spec.yaml").write_text("- just\n- a list\n")
     assert cli.main(["run", str(tmp_path / "spec.yaml")]) == 2
     assert "a spec is a mapping" in capsys.readouterr().err
+
+
+def test_redact_hides_the_password_of_every_url_and_nothing_else():
+    text = "postgresql+psycopg://study:pw@db:5432/optuna, http://me:x%40y@host/; s3://bucket/a@b user@host"
+    redacted = "postgresql+psycopg://study:***@db:5432/optuna, http://me:***@host/; s3://bucket/a@b user@host"
+    assert redact(text) == redacted
+
+
+def test_a_password_in_a_storage_url_is_neither_printed_nor_logged(tmp_path, capsys):
+    url = f"postgresql+psycopg://study:pw-0f1e@127.0.0.1:{free_port()}/optuna"  # nothing listens there
+    raw = changed(small(tmp_path / "root"), "storage.optuna", url)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    assert cli.main(["run", str(tmp_path / "spec.yaml")]) == 2
+    error = capsys.readouterr().err
+    assert "storage.optuna: cannot connect to postgresql+psycopg://study:***@127.0.0.1" in error, error
+    assert "pw-0f1e" not in error
+    # The spec is the study's parent run's params in MLflow.
+    spec = parse_spec(raw)
+    (tmp_path / "root").mkdir()
+    tracking = Tracking(spec)
+    params = tracking.client.get_run(tracking.parent_run(optuna.create_study(), spec)).data.params
+    assert params["storage.optuna"] == url.replace(":pw-0f1e@", ":***@")
+    assert not [k for k, v in params.items() if "pw-0f1e" in v]

@@ -51,7 +51,7 @@ from lipnext import param_counts, preset
 from lipnext.data import open_dataset
 from lipscale import plots, results
 from lipscale.scaling import PowerLawFit, fit_power_law
-from lipscale.spec import Spec, SpecError, load_spec
+from lipscale.spec import Spec, SpecError, load_spec, redact
 from lipscale.study import open_study
 from lipscale.tracking import PARENT_ATTR, RUN_ATTR, STATE_TAG, TRIAL_TAG
 
@@ -106,7 +106,7 @@ def load_trials(spec: Spec) -> Trials:
         source = f"{spec.root}/results.parquet"
     except FileNotFoundError:
         frame = _rows_from_mlflow(spec, parent)
-        source = f"MLflow child runs of run {parent} ({spec.mlflow_uri}): no {spec.root}/results.parquet"
+        source = f"MLflow child runs of run {parent} ({redact(spec.mlflow_uri)}): no {spec.root}/results.parquet"
     if frame.empty:
         raise ReportError(f"study {spec.name!r} has no finished trials ({source})")
     frame = _with_compute(spec, frame.sort_values("trial").reset_index(drop=True))
@@ -497,7 +497,7 @@ def _fit(args) -> int:
         files = write_report(spec, trials, laws, text, out)
         log_report(spec, trials, out)
         print(f"\nreport: {', '.join(f.name for f in files)} in {out}")
-        print(f"logged to MLflow run {trials.parent_run} under {REPORT_DIR}/ ({spec.mlflow_uri})")
+        print(f"logged to MLflow run {trials.parent_run} under {REPORT_DIR}/ ({redact(spec.mlflow_uri)})")
     return 0
 
 

@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import os
+import re
 import textwrap
 from types import UnionType
 import urllib.error
@@ -58,6 +59,8 @@ MAX_SHAPES = 1_000_000
 RUNNER_OWNED = {"fixed": {"data": {"uri"}, "checkpoint": {"dir"}}}
 """Fields of the fixed settings that the runner sets: the data from `dataset`, checkpoints under the root."""
 GIB = 2**30
+_PASSWORD = re.compile(r"(://[^/@\s:]*):[^/@\s]*@")
+"""The password of a URL's user info: scheme://user:PASSWORD@host."""
 
 
 class SpecError(ValueError):
@@ -66,6 +69,13 @@ class SpecError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URL in it replaced by ***: for anything that prints or
+    logs a URL (credentials belong in the environment or files: PGPASSFILE, MLFLOW_TRACKING_PASSWORD,
+    AWS_*, but a URL may still carry one)."""
+    return _PASSWORD.sub(r"\1:***@", text)
 
 
 def _attribute_docs(cls) -> dict[str, str]:
@@ -524,7 +534,7 @@ def check_storage(spec: Spec) -> None:
     ]
     for field, problem in problems:
         if problem:
-            raise SpecError(f"{field}: {problem}")
+            raise SpecError(redact(f"{field}: {problem}"))
 
 
 def _check_location(location: str) -> str | None:
@@ -558,10 +568,10 @@ def _check_url(url: str) -> str | None:
         try:
             urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5)
         except urllib.error.HTTPError:
-            return None  # it answered
+            pass  # it answered
         except OSError as e:
             return f"{url} does not answer: {e}"
-        return None
+        return _check_tracking_login(url)
     if scheme == "databricks":
         return None
     import sqlalchemy
@@ -571,6 +581,19 @@ def _check_url(url: str) -> str | None:
             return None
     except Exception as e:  # drivers raise their own kinds
         return f"cannot connect to {url}: {e}"
+
+
+def _check_tracking_login(url: str) -> str | None:
+    """That the tracking server lets this client read (with MLFLOW_TRACKING_USERNAME/PASSWORD
+    where it authenticates): a refused login stops the study before its Optuna study exists."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(url).search_experiments(max_results=1)
+    except MlflowException as e:
+        return f"{url} refuses this client (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD?): {e.message[:300]}"
+    return None
 
 
 def _check_data(spec: Spec) -> list[tuple[str, str]]:

@@ -39,8 +39,8 @@ from ray.tune.search.optuna import OptunaSearch
 from lipnext.data import DataError, open_dataset
 from lipnext.train_config import TrainConfig
 from lipscale import results
-from lipscale.spec import DIGITS, GIB, SEARCHABLE, Spec, SpecError, check_storage, load_spec, plan_trial
-from lipscale.tracking import NAMESPACES, RUN_ATTR, Tracking
+from lipscale.spec import DIGITS, GIB, SEARCHABLE, Spec, SpecError, check_storage, load_spec, plan_trial, redact
+from lipscale.tracking import NAMESPACES, RUN_ATTR, SERVERS, Tracking
 
 log = logging.getLogger("lipscale.study")
 TUNE_DIR = "tune"
@@ -83,12 +83,12 @@ def open_study(spec: Spec, *, create: bool) -> optuna.Study:
     if url.startswith("sqlite:///"):
         db = Path(url.removeprefix("sqlite:///"))
         if not create and not db.exists():
-            raise SpecError(f"storage.optuna: no study {spec.name!r} to continue: {url} does not exist")
+            raise SpecError(f"storage.optuna: no study {spec.name!r} to continue: {redact(url)} does not exist")
         db.parent.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(url)
     exists = spec.name in optuna.get_all_study_names(storage)
     if not exists and not create:
-        raise SpecError(f"name: no study {spec.name!r} in {url} to continue")
+        raise SpecError(f"name: no study {spec.name!r} in {redact(url)} to continue")
     study = optuna.create_study(storage=storage, study_name=spec.name, directions=spec.directions, load_if_exists=True)
     wanted = identity(spec)
     if not exists:
@@ -472,7 +472,8 @@ def _run(args) -> int:
         return 2
     print(results.status_table(study))
     print(f"\n{time.perf_counter() - start:.0f} s; results: {spec.root}/results.parquet")
-    print(f"MLflow: mlflow ui --backend-store-uri {spec.mlflow_uri}")
+    uri = redact(spec.mlflow_uri)
+    print(f"MLflow: {uri}" if uri.split(":", 1)[0] in SERVERS else f"MLflow: mlflow ui --backend-store-uri {uri}")
     return 0
 
 

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from lipnext.train_config import TrainConfig
-from lipscale.spec import Spec
+from lipscale.spec import Spec, redact
 
 STUDY_TAG = "lipscale.study"
 TRIAL_TAG = "lipscale.trial"
@@ -113,8 +113,9 @@ class Tracking:
         return run_id
 
     def _log_params_once(self, run_id: str, params: dict) -> None:
+        """Params (a URL among them with its password redacted), unless the run has some."""
         if not self.client.get_run(run_id).data.params:
-            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            self.client.log_batch(run_id, params=[Param(k, redact(str(v))) for k, v in params.items()])
 
     def log_result(self, run_id: str, result: dict) -> None:
         """A trial's report as metrics at step = epoch, unless that epoch is logged already."""
