@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -405,6 +406,8 @@ def _tuner(spec: Spec, study: optuna.Study, tracking: Tracking, parent_run: str)
 def run(spec: Spec, *, resume: bool = False) -> optuna.Study:
     """Runs (or continues) the study to its budget; returns the Optuna study."""
     check_storage(spec)
+    if not ray.is_initialized():
+        check_ray_address(os.environ.get("RAY_ADDRESS"))
     study = open_study(spec, create=not resume)
     if "://" not in spec.root:
         Path(spec.root).mkdir(parents=True, exist_ok=True)
@@ -428,6 +431,20 @@ def run(spec: Spec, *, resume: bool = False) -> optuna.Study:
         raise
     _finish(spec, study, tracking, parent_run)
     return study
+
+
+def check_ray_address(address: str | None) -> None:
+    """That a cluster answers at RAY_ADDRESS, before anything is created: ray.init() would
+    retry an address where nothing listens for minutes (5 s per attempt, then again)."""
+    if address in (None, "", "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"RAY_ADDRESS: {address!r} is not HOST:PORT, ray://HOST:PORT, 'auto' or 'local'")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise SpecError(f"RAY_ADDRESS: nothing answers at {address} ({e.strerror or e})") from None
 
 
 def _warn_if_a_trial_does_not_fit(spec: Spec) -> None:

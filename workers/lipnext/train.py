@@ -38,7 +38,7 @@ from lipnext.certify import (
     pairwise_radius,
 )
 from lipnext.config import PRESETS, preset
-from lipnext.data import ShardLoader, open_dataset
+from lipnext.data import DataError, ShardLoader, open_dataset
 from lipnext.manifold import ManifoldAdamW, param_groups
 from lipnext.model import LipNeXt, train_flops_per_sample
 from lipnext.parallelize import apply_fsdp, materialize
@@ -298,21 +298,26 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = TrainConfig(
-        model=preset(args.preset),
-        optim=OptimConfig(lr=args.lr),
-        data=DataConfig(uri=args.data, batch_size=args.batch_size, augment=args.augment),
-        checkpoint=CheckpointConfig(dir=args.checkpoint_dir),
-        epochs=args.epochs,
-        seed=args.seed,
-        precision=args.precision,
-        device=args.device,
-    )
+    try:
+        config = TrainConfig(
+            model=preset(args.preset),
+            optim=OptimConfig(lr=args.lr),
+            data=DataConfig(uri=args.data, batch_size=args.batch_size, augment=args.augment),
+            checkpoint=CheckpointConfig(dir=args.checkpoint_dir),
+            epochs=args.epochs,
+            seed=args.seed,
+            precision=args.precision,
+            device=args.device,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     torchrun = "RANK" in os.environ
     if torchrun and not dist.is_initialized():
         dist.init_process_group("nccl" if resolve_device(args.device).type == "cuda" else "gloo")
     try:
         metrics = train(config, LocalSession(config.checkpoint))
+    except DataError as e:  # bad data: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     finally:
         if torchrun:
             dist.destroy_process_group()
