@@ -81,12 +81,18 @@ class RaySession:
 
     @contextlib.contextmanager
     def checkpoint_to_restore(self):
-        restored = self.api.get_checkpoint()
-        if restored is None:
-            yield None
-        else:
-            with restored.as_directory() as directory:
+        """Ray's latest checkpoint, or the newest older one kept beside it when that one
+        fails verification (a truncated or corrupt upload); None if none verifies."""
+        for candidate in _newest_first(self.api.get_checkpoint()):
+            with candidate.as_directory() as directory:
+                try:
+                    checkpoint.verify(directory)
+                except checkpoint.CheckpointError as e:
+                    log.warning("passing over a bad checkpoint: %s", e)
+                    continue
                 yield Path(directory)
+                return
+        yield None
 
     @contextlib.contextmanager
     def checkpoint_dir(self, step: int):
@@ -95,6 +101,23 @@ class RaySession:
 
     def report(self, metrics: dict, saved: Path | None) -> None:
         self.api.report(metrics, checkpoint=self.api.Checkpoint.from_directory(saved) if saved else None)
+
+
+def _newest_first(registered) -> list:
+    """Ray's checkpoint and the older ones it keeps in the same folder (CheckpointConfig's
+    num_to_keep: Ray only hands back the latest), newest first."""
+    if registered is None:
+        return []
+    import pyarrow.fs
+
+    folder, name = registered.path.rstrip("/").rsplit("/", 1)
+    siblings = registered.filesystem.get_file_info(pyarrow.fs.FileSelector(folder))
+    older = sorted(
+        (i.path for i in siblings if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
+         and i.base_name < name),
+        reverse=True,
+    )  # fmt: skip
+    return [registered] + [type(registered)(path, filesystem=registered.filesystem) for path in older]
 
 
 def resolve_device(name: str) -> torch.device:
