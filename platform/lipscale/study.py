@@ -38,6 +38,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from lipnext.data import DataError, open_dataset
+from lipnext.train import DIVERGED
 from lipnext.train_config import TrainConfig
 from lipscale import results
 from lipscale.spec import DIGITS, GIB, SEARCHABLE, Spec, SpecError, check_storage, load_spec, plan_trial
@@ -123,7 +124,8 @@ class StudySearch(OptunaSearch):
     its MLflow child run: number and run id go into the trial's Tune config, the run id into
     the Optuna trial. Also: a report without the objective (not an eval epoch) is skipped,
     a finished trial's last metrics go into its user attrs before it is told (Optuna refuses
-    changes after), and one stopped early by the scheduler is told PRUNED, not COMPLETE."""
+    changes after), one stopped early by the scheduler is told PRUNED, not COMPLETE, and one
+    that diverged is told FAIL with the reason in its user attrs."""
 
     def __init__(
         self, spec: Spec, storage: optuna.storages.BaseStorage, tracking: Tracking, parent_run: str, seed: int
@@ -166,6 +168,11 @@ class StudySearch(OptunaSearch):
         if result:
             metrics = {k: v for k, v in result.items() if k.startswith(NAMESPACES + ("epoch",))}
             set_trial_attrs(self._ot_study, ot_trial.number, {results.METRICS_ATTR: metrics})
+        if result and DIVERGED in result:
+            set_trial_attrs(self._ot_study, ot_trial.number, {results.FAIL_REASON_ATTR: result[DIVERGED]})
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
+            self._completed_trials.add(trial_id)
+            return
         if result and not error and result.get("epoch", 0) < self.spec.budget.epochs:
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED, skip_if_finished=True)
             self._completed_trials.add(trial_id)
@@ -230,7 +237,8 @@ class Bookkeeping(tune.Callback):
     def _finished(self, trial):
         self.flush()
         frozen = self.study.trials[trial.config["trial"]["number"]]
-        self.tracking.finish(trial.config["trial"][RUN_ATTR], frozen.state.name)
+        reason = frozen.user_attrs.get(results.FAIL_REASON_ATTR)
+        self.tracking.finish(trial.config["trial"][RUN_ATTR], frozen.state.name, reason)
         results.write(self.study, self.root)
 
     def on_experiment_end(self, trials, **info):
@@ -263,7 +271,7 @@ def in_process(spec: Spec) -> bool:
 
 def run_trial(config: dict, spec: Spec) -> None:
     """Tune's trainable: config holds the sampled params and the trial's number and run id."""
-    from lipnext.train import RaySession, train
+    from lipnext.train import RaySession, train_in_ray
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     number, run_id = config["trial"]["number"], config["trial"][RUN_ATTR]
@@ -271,7 +279,7 @@ def run_trial(config: dict, spec: Spec) -> None:
     _refuse_if_too_big(spec, train_config)
     with Tracking(spec).system_metrics(run_id):
         if in_process(spec):
-            train(train_config, RaySession(tune))
+            train_in_ray(train_config, RaySession(tune))
         else:
             _ray_train(spec, train_config, number)
 

@@ -31,6 +31,7 @@ from lipscale.spec import Spec
 STUDY_TAG = "lipscale.study"
 TRIAL_TAG = "lipscale.trial"
 STATE_TAG = "lipscale.state"
+FAIL_REASON_TAG = "lipscale.fail_reason"
 PARENT_ATTR = "mlflow_parent_run_id"
 """Optuna study user attr: the parent run."""
 RUN_ATTR = "mlflow_run_id"
@@ -133,11 +134,14 @@ class Tracking:
         self.client.log_batch(run_id, metrics=metrics)
         self._logged[run_id] = epoch
 
-    def finish(self, run_id: str, state: str) -> None:
-        """Closes a trial's run with its Optuna state (COMPLETE, PRUNED or FAIL), once."""
+    def finish(self, run_id: str, state: str, reason: str | None = None) -> None:
+        """Closes a trial's run with its Optuna state (COMPLETE, PRUNED or FAIL) and the reason
+        it failed, if known; once."""
         if self.client.get_run(run_id).info.status != "RUNNING":
             return
         self.client.set_tag(run_id, STATE_TAG, state)
+        if reason:
+            self.client.set_tag(run_id, FAIL_REASON_TAG, reason)
         self.client.set_terminated(run_id, "FAILED" if state == "FAIL" else "FINISHED")
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:

@@ -120,6 +120,20 @@ def _newest_first(registered) -> list:
     return [registered] + [type(registered)(path, filesystem=registered.filesystem) for path in older]
 
 
+class Diverged(ArithmeticError):
+    """The training loss stopped being finite: the weights are lost, and a rerun from the
+    last checkpoint would diverge again at the same step (training is deterministic)."""
+
+    def __init__(self, reason: str, report: dict):
+        super().__init__(reason)
+        self.report = report
+        """The diverged epoch's report (epoch, step, train/loss)."""
+
+
+DIVERGED = "diverged"
+"""Key of a trial's last report when it diverged: the reason."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -264,6 +278,14 @@ def train(config: TrainConfig, session) -> dict:
         progress.epoch = epoch + 1
         epoch_seconds = time.perf_counter() - epoch_start
         loss_sum, samples = _all_reduce_sum([torch.stack(losses).sum().item(), len(losses) * batch * world], device)
+        # Checked on the sum over ranks, so every rank stops at the same epoch (a per-step
+        # check on one rank's loss would leave the others waiting in FSDP's collectives).
+        if not math.isfinite(loss_sum):
+            raise Diverged(
+                f"train/loss is {loss_sum} in epoch {progress.epoch} (step {progress.step}, lr "
+                f"{schedule.get_last_lr()[0]:.3g}): the trial diverged",
+                {"epoch": progress.epoch, "step": progress.step, "train/loss": loss_sum},
+            )
         metrics = {
             "epoch": progress.epoch,
             "step": progress.step,
@@ -296,10 +318,20 @@ def train(config: TrainConfig, session) -> dict:
     return metrics
 
 
+def train_in_ray(config: TrainConfig, session: RaySession) -> None:
+    """train(), with a divergence reported as the trial's last result instead of raised:
+    Ray would retry a failed trial from its last checkpoint, to diverge again."""
+    try:
+        train(config, session)
+    except Diverged as e:
+        log.error("%s", e)
+        session.report({**e.report, DIVERGED: str(e)}, None)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry: config is TrainConfig.to_dict()."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    train(TrainConfig.from_dict(config), RaySession())
+    train_in_ray(TrainConfig.from_dict(config), RaySession())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -339,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         dist.init_process_group("nccl" if resolve_device(args.device).type == "cuda" else "gloo")
     try:
         metrics = train(config, LocalSession(config.checkpoint))
-    except DataError as e:  # bad data: one line, no traceback
+    except (DataError, Diverged) as e:  # bad data, or a run that cannot go on: one line, no traceback
         raise SystemExit(f"error: {e}") from None
     finally:
         if torchrun:
