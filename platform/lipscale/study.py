@@ -21,6 +21,7 @@ handling only runs inside Study.optimize.
 """
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -51,6 +52,23 @@ COORDINATOR_CPUS = 0.01
 """CPUs of a Ray Train trial's own process, which only coordinates (Tune refuses a trial of none)."""
 IDENTITY = {"space": "space", "objective": "objective", "trials": "budget.trials"}
 """What a continued study must share with the one that began: Optuna study user attr -> spec field."""
+STORAGE_FULL = "storage_full"
+"""Key of a trial's last report when the study's storage ran out of space: the error."""
+
+
+class StorageFull(Exception):
+    """The study's storage is full: the study stops, to continue once space is freed."""
+
+
+def storage_full(error: BaseException | None) -> BaseException | None:
+    """The innermost error, among `error` and those it came from, that says a disk (or an
+    SQLite file on it) is full; None if none does."""
+    found = None
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "database or disk is full" in str(error):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
 
 
 # --- the Optuna study ---------------------------------------------------------------------
@@ -217,6 +235,8 @@ class Bookkeeping(tune.Callback):
             self._last.result()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if STORAGE_FULL in result:  # stop here: the trial is not told FAIL, and resumes later
+            raise StorageFull(result[STORAGE_FULL])
         self._last = self._writer.submit(self.tracking.log_result, trial.config["trial"][RUN_ATTR], dict(result))
         if result.get("checkpoint_dir_name") or not self.in_process:
             self.flush()
@@ -278,10 +298,18 @@ def run_trial(config: dict, spec: Spec) -> None:
     train_config = spec.train_config(config["params"])
     _refuse_if_too_big(spec, train_config)
     with Tracking(spec).system_metrics(run_id):
-        if in_process(spec):
-            train_in_ray(train_config, RaySession(tune))
-        else:
-            _ray_train(spec, train_config, number)
+        try:
+            if in_process(spec):
+                train_in_ray(train_config, RaySession(tune))
+            else:
+                _ray_train(spec, train_config, number)
+        except Exception as e:
+            if (full := storage_full(e)) is None:
+                raise
+            # Not the trial's failure: Tune would retry it and then tell Optuna FAIL, losing
+            # it. The driver stops the study on this report instead (Bookkeeping).
+            tune.report({STORAGE_FULL: str(full).splitlines()[0]})
+            raise
 
 
 def _ray_train(spec: Spec, config: TrainConfig, number: int) -> None:
@@ -434,8 +462,9 @@ def run(spec: Spec, *, resume: bool = False) -> optuna.Study:
     try:
         if tuner is not None:
             tuner.fit()
-    except BaseException:
-        tracking.end(parent_run, "KILLED")
+    except BaseException as e:
+        if storage_full(e) is None:  # on a full disk, the parent run's store may be full too
+            tracking.end(parent_run, "KILLED")
         raise
     _finish(spec, study, tracking, parent_run)
     return study
@@ -495,6 +524,14 @@ def _run(args) -> int:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if (full := storage_full(e)) is None:
+            raise
+        print(
+            f"error: the study's storage is full ({str(full).splitlines()[0]}); free space under {spec.root} "
+            "and run the same command again: the study continues from its last checkpoints", file=sys.stderr,
+        )  # fmt: skip
+        return 1
     print(results.status_table(study))
     print(f"\n{time.perf_counter() - start:.0f} s; results: {spec.root}/results.parquet")
     print(f"MLflow: mlflow ui --backend-store-uri {spec.mlflow_uri}")
