@@ -90,7 +90,10 @@ def test_the_driver_killed_mid_study_then_run_again(tmp_path, scoreboard):
     for run in children:  # every epoch logged once, resumed trials included
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 21))
     after = _snapshot(spec)
-    assert {n: after[n] for n in before} == before  # trials done before the kill were not run again
+    for n, (done, started, ended, history) in before.items():  # trials done before the kill were not run again
+        assert (after[n][0], after[n][1], after[n][3]) == (done, started, history)
+        # Optuna had the trial COMPLETE but the kill came before its MLflow run was closed: the rerun closes it.
+        assert after[n][2] == ended if ended is not None else after[n][2] is not None
     assert len(results.read(spec.root)) == 4
     scoreboard.tally(study_ledger(spec, trials=4))
 
