@@ -6,6 +6,7 @@ Use a fixture by importing it into a test module: `from servers import s3_server
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -85,3 +86,47 @@ def s3_server():
     """moto_server with a bucket `lipscale`, for one test."""
     with moto_server("lipscale") as settings:
         yield settings
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL to what a process started in its own session left running (Ray's agents
+    outlive a killed driver; mlflow server's uvicorn workers outlive it)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+class MlflowServer:
+    """`mlflow server` on a free port of 127.0.0.1 over a SQLite store in `folder`.
+    kill() is a SIGKILL of it and its workers; start() brings it back on the same port
+    and store."""
+
+    def __init__(self, folder):
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self) -> None:
+        command = [
+            shutil.which("mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db",
+            "--artifacts-destination", str(self.folder / "artifacts"),
+        ]  # fmt: skip
+        with open(self.folder / "server.log", "a") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_until_answering(f"{self.uri}/health", self.process, timeout_s=120)
+
+    def kill(self) -> None:
+        kill_session(self.process)
+
+
+@contextlib.contextmanager
+def mlflow_server(folder):
+    server = MlflowServer(folder)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

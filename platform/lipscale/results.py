@@ -22,6 +22,8 @@ METRICS_ATTR = "metrics"
 """Optuna trial user attr: the metrics of the trial's last report."""
 CHECKPOINT_ATTR = "checkpoint_uri"
 """Optuna trial user attr: the trial's latest checkpoint."""
+FAIL_REASON_ATTR = "fail_reason"
+"""Optuna trial user attr: why a FAIL trial failed (e.g. its loss diverged)."""
 REQUEUED_ATTR = "requeued_as_retry"
 """Optuna trial user attr: set on a trial that a killed driver orphaned, whose params were queued again."""
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -46,6 +48,7 @@ def rows(study: optuna.Study) -> list[dict]:
         for name, value in zip(_objective_columns(study), t.values or []):
             row[f"objective/{name}"] = value
         row |= {
+            FAIL_REASON_ATTR: t.user_attrs.get(FAIL_REASON_ATTR),
             RUN_ATTR: t.user_attrs.get(RUN_ATTR),
             CHECKPOINT_ATTR: t.user_attrs.get(CHECKPOINT_ATTR),
             "started": t.datetime_start,

@@ -526,15 +526,15 @@ def load_spec(path: str | os.PathLike) -> Spec:
 def check_storage(spec: Spec) -> None:
     """That the study root, the Optuna and MLflow stores and the data can be reached, without
     creating any of them; raises SpecError naming the field."""
-    problems = [
-        ("storage.root", _check_location(spec.root)),
-        ("storage.optuna", _check_url(spec.optuna_url)),
-        ("storage.mlflow", _check_url(spec.mlflow_uri)),
-        *_check_data(spec),
-    ]
-    for field, problem in problems:
-        if problem:
+    for field, check, location in (
+        ("storage.root", _check_location, spec.root),
+        ("storage.optuna", _check_url, spec.optuna_url),
+        ("storage.mlflow", _check_url, spec.mlflow_uri),
+    ):
+        if problem := check(location):
             raise SpecError(redact(f"{field}: {problem}"))
+    for field, problem in _check_data(spec):
+        raise SpecError(redact(f"{field}: {problem}"))
 
 
 def _check_location(location: str) -> str | None:
@@ -543,8 +543,10 @@ def _check_location(location: str) -> str | None:
 
         bucket = location.removeprefix("s3://").split("/", 1)[0]
         try:
-            if not s3fs.S3FileSystem().exists(bucket):
-                return f"bucket {bucket!r} does not exist"
+            # Not exists(): it answers False for an endpoint that does not answer at all.
+            s3fs.S3FileSystem().ls(bucket)
+        except FileNotFoundError:
+            return f"bucket {bucket!r} does not exist"
         except Exception as e:  # s3fs raises many kinds, all meaning "cannot reach it"
             return f"cannot reach {location}: {e}"
         return None
@@ -604,7 +606,7 @@ def _check_data(spec: Spec) -> list[tuple[str, str]]:
     try:
         manifest = open_dataset(spec.data_uri).manifest
         shape, classes = tuple(manifest.shape), len(manifest.classes)
-    except (DataError, OSError) as e:
+    except Exception as e:  # DataError, OSError, fsspec's ValueError for an unknown protocol, botocore's own
         if spec.dataset.name != DIGITS:
             return [("dataset.uri", f"no converted dataset at {spec.data_uri}: {e}")]
         digits = plan(DIGITS)

@@ -21,9 +21,11 @@ handling only runs inside Study.optimize.
 """
 
 import argparse
+import errno
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +39,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from lipnext.data import DataError, open_dataset
+from lipnext.train import DIVERGED
 from lipnext.train_config import TrainConfig
 from lipscale import results
 from lipscale.spec import DIGITS, GIB, SEARCHABLE, Spec, SpecError, check_storage, load_spec, plan_trial, redact
@@ -49,6 +52,23 @@ COORDINATOR_CPUS = 0.01
 """CPUs of a Ray Train trial's own process, which only coordinates (Tune refuses a trial of none)."""
 IDENTITY = {"space": "space", "objective": "objective", "trials": "budget.trials"}
 """What a continued study must share with the one that began: Optuna study user attr -> spec field."""
+STORAGE_FULL = "storage_full"
+"""Key of a trial's last report when the study's storage ran out of space: the error."""
+
+
+class StorageFull(Exception):
+    """The study's storage is full: the study stops, to continue once space is freed."""
+
+
+def storage_full(error: BaseException | None) -> BaseException | None:
+    """The innermost error, among `error` and those it came from, that says a disk (or an
+    SQLite file on it) is full; None if none does."""
+    found = None
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "database or disk is full" in str(error):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
 
 
 # --- the Optuna study ---------------------------------------------------------------------
@@ -122,7 +142,8 @@ class StudySearch(OptunaSearch):
     its MLflow child run: number and run id go into the trial's Tune config, the run id into
     the Optuna trial. Also: a report without the objective (not an eval epoch) is skipped,
     a finished trial's last metrics go into its user attrs before it is told (Optuna refuses
-    changes after), and one stopped early by the scheduler is told PRUNED, not COMPLETE."""
+    changes after), one stopped early by the scheduler is told PRUNED, not COMPLETE, and one
+    that diverged is told FAIL with the reason in its user attrs."""
 
     def __init__(
         self, spec: Spec, storage: optuna.storages.BaseStorage, tracking: Tracking, parent_run: str, seed: int
@@ -165,6 +186,11 @@ class StudySearch(OptunaSearch):
         if result:
             metrics = {k: v for k, v in result.items() if k.startswith(NAMESPACES + ("epoch",))}
             set_trial_attrs(self._ot_study, ot_trial.number, {results.METRICS_ATTR: metrics})
+        if result and DIVERGED in result:
+            set_trial_attrs(self._ot_study, ot_trial.number, {results.FAIL_REASON_ATTR: result[DIVERGED]})
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
+            self._completed_trials.add(trial_id)
+            return
         if result and not error and result.get("epoch", 0) < self.spec.budget.epochs:
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED, skip_if_finished=True)
             self._completed_trials.add(trial_id)
@@ -209,6 +235,8 @@ class Bookkeeping(tune.Callback):
             self._last.result()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if STORAGE_FULL in result:  # stop here: the trial is not told FAIL, and resumes later
+            raise StorageFull(result[STORAGE_FULL])
         self._last = self._writer.submit(self.tracking.log_result, trial.config["trial"][RUN_ATTR], dict(result))
         if result.get("checkpoint_dir_name") or not self.in_process:
             self.flush()
@@ -229,7 +257,8 @@ class Bookkeeping(tune.Callback):
     def _finished(self, trial):
         self.flush()
         frozen = self.study.trials[trial.config["trial"]["number"]]
-        self.tracking.finish(trial.config["trial"][RUN_ATTR], frozen.state.name)
+        reason = frozen.user_attrs.get(results.FAIL_REASON_ATTR)
+        self.tracking.finish(trial.config["trial"][RUN_ATTR], frozen.state.name, reason)
         results.write(self.study, self.root)
 
     def on_experiment_end(self, trials, **info):
@@ -262,17 +291,25 @@ def in_process(spec: Spec) -> bool:
 
 def run_trial(config: dict, spec: Spec) -> None:
     """Tune's trainable: config holds the sampled params and the trial's number and run id."""
-    from lipnext.train import RaySession, train
+    from lipnext.train import RaySession, train_in_ray
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     number, run_id = config["trial"]["number"], config["trial"][RUN_ATTR]
     train_config = spec.train_config(config["params"])
     _refuse_if_too_big(spec, train_config)
     with Tracking(spec).system_metrics(run_id):
-        if in_process(spec):
-            train(train_config, RaySession(tune))
-        else:
-            _ray_train(spec, train_config, number)
+        try:
+            if in_process(spec):
+                train_in_ray(train_config, RaySession(tune))
+            else:
+                _ray_train(spec, train_config, number)
+        except Exception as e:
+            if (full := storage_full(e)) is None:
+                raise
+            # Not the trial's failure: Tune would retry it and then tell Optuna FAIL, losing
+            # it. The driver stops the study on this report instead (Bookkeeping).
+            tune.report({STORAGE_FULL: str(full).splitlines()[0]})
+            raise
 
 
 def _ray_train(spec: Spec, config: TrainConfig, number: int) -> None:
@@ -405,6 +442,8 @@ def _tuner(spec: Spec, study: optuna.Study, tracking: Tracking, parent_run: str)
 def run(spec: Spec, *, resume: bool = False) -> optuna.Study:
     """Runs (or continues) the study to its budget; returns the Optuna study."""
     check_storage(spec)
+    if not ray.is_initialized():
+        check_ray_address(os.environ.get("RAY_ADDRESS"))
     study = open_study(spec, create=not resume)
     if "://" not in spec.root:
         Path(spec.root).mkdir(parents=True, exist_ok=True)
@@ -423,11 +462,26 @@ def run(spec: Spec, *, resume: bool = False) -> optuna.Study:
     try:
         if tuner is not None:
             tuner.fit()
-    except BaseException:
-        tracking.end(parent_run, "KILLED")
+    except BaseException as e:
+        if storage_full(e) is None:  # on a full disk, the parent run's store may be full too
+            tracking.end(parent_run, "KILLED")
         raise
     _finish(spec, study, tracking, parent_run)
     return study
+
+
+def check_ray_address(address: str | None) -> None:
+    """That a cluster answers at RAY_ADDRESS, before anything is created: ray.init() would
+    retry an address where nothing listens for minutes (5 s per attempt, then again)."""
+    if address in (None, "", "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"RAY_ADDRESS: {address!r} is not HOST:PORT, ray://HOST:PORT, 'auto' or 'local'")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise SpecError(f"RAY_ADDRESS: nothing answers at {address} ({e.strerror or e})") from None
 
 
 def _warn_if_a_trial_does_not_fit(spec: Spec) -> None:
@@ -470,6 +524,14 @@ def _run(args) -> int:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if (full := storage_full(e)) is None:
+            raise
+        print(
+            f"error: the study's storage is full ({str(full).splitlines()[0]}); free space under {spec.root} "
+            "and run the same command again: the study continues from its last checkpoints", file=sys.stderr,
+        )  # fmt: skip
+        return 1
     print(results.status_table(study))
     print(f"\n{time.perf_counter() - start:.0f} s; results: {spec.root}/results.parquet")
     uri = redact(spec.mlflow_uri)

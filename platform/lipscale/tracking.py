@@ -14,14 +14,24 @@ so every restore would open new runs, and it has no parent runs
   step = epoch, from the driver, skipping epochs already logged (a trial
   resumed from an earlier checkpoint reports them again);
 - system metrics sampled in the trial's own process.
+
+A tracking server that goes away loses nothing: each request is retried by
+MLflow itself (7 times, backoff doubling from 2 s: ~2 min), a report is
+retried beyond that until RETRY_FOR_S, and every retry is idempotent. A
+report's metrics keep their timestamp across retries (MLflow keeps one row
+per key, step, timestamp and value), and a run whose creation reached the
+server but whose answer was lost (MLflow then creates it again) is found by
+its tag and the younger twin deleted.
 """
 
 import contextlib
+import logging
 import tempfile
 import time
 
 import fsspec
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -31,6 +41,7 @@ from lipscale.spec import Spec, redact
 STUDY_TAG = "lipscale.study"
 TRIAL_TAG = "lipscale.trial"
 STATE_TAG = "lipscale.state"
+FAIL_REASON_TAG = "lipscale.fail_reason"
 PARENT_ATTR = "mlflow_parent_run_id"
 """Optuna study user attr: the parent run."""
 RUN_ATTR = "mlflow_run_id"
@@ -39,6 +50,15 @@ NAMESPACES = ("eval/", "train/", "perf/", "model/")
 """Keys of a trial's report that are metrics (the rest is Tune's bookkeeping)."""
 SERVERS = ("http", "https", "databricks")
 """Tracking URIs whose server decides where artifacts go."""
+RETRY_FOR_S = 1800
+"""How long a report waits out a tracking-server outage (a restart by hand or by Kubernetes
+can take minutes), after MLflow's own ~2 min of retries of each request."""
+RETRY_PAUSE_S = 5
+TRANSIENT = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+"""MLflow error codes of a server that did not answer (MLflow reports a refused connection as
+INTERNAL_ERROR) or failed inside; a refused request (INVALID_PARAMETER_VALUE, ...) is not retried."""
+
+log = logging.getLogger("lipscale.tracking")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -50,6 +70,20 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _retried(uri: str, write, *args, **kwargs):
+    """write(*args, **kwargs), again every RETRY_PAUSE_S while the tracking server does not answer.
+    A local store is not retried: its errors (a full disk) do not pass by themselves."""
+    deadline = time.monotonic() + RETRY_FOR_S
+    while True:
+        try:
+            return write(*args, **kwargs)
+        except MlflowException as e:
+            if uri.split(":", 1)[0] not in SERVERS or e.error_code not in TRANSIENT or time.monotonic() > deadline:
+                raise
+            log.warning("MLflow did not answer, retrying in %d s: %s", RETRY_PAUSE_S, e)
+            time.sleep(RETRY_PAUSE_S)
 
 
 class Tracking:
@@ -77,16 +111,23 @@ class Tracking:
             return found.experiment_id
         return self.client.create_experiment(self.experiment, artifact_location=self.artifact_location)
 
-    def _find(self, tags: dict[str, str]) -> str | None:
+    def _find(self, tags: dict[str, str]) -> list[str]:
+        """Runs with these tags, oldest first."""
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        runs = self.client.search_runs([self.experiment_id()], query, max_results=1)
-        return runs[0].info.run_id if runs else None
+        runs = self.client.search_runs([self.experiment_id()], query, order_by=["attributes.start_time ASC"])
+        return [r.info.run_id for r in runs]
 
     def _get_or_create(self, tags: dict[str, str], name: str, more_tags: dict[str, str]) -> str:
-        run_id = self._find(tags)
-        if run_id is None:
-            run_id = self.client.create_run(self.experiment_id(), run_name=name, tags={**tags, **more_tags}).info.run_id
-        return run_id
+        found = self._find(tags)
+        if not found:
+            self.client.create_run(self.experiment_id(), run_name=name, tags={**tags, **more_tags})
+            # Only the driver creates runs, so any twin is a create that MLflow retried after
+            # the server had done it: the oldest is the run, the others go.
+            found = self._find(tags)
+            for twin in found[1:]:
+                log.warning("deleting run %s: a second copy of run %s (%s)", twin, found[0], tags)
+                self.client.delete_run(twin)
+        return found[0]
 
     # --- the study's parent run ---
 
@@ -118,27 +159,31 @@ class Tracking:
             self.client.log_batch(run_id, params=[Param(k, redact(str(v))) for k, v in params.items()])
 
     def log_result(self, run_id: str, result: dict) -> None:
-        """A trial's report as metrics at step = epoch, unless that epoch is logged already."""
+        """A trial's report as metrics at step = epoch, unless that epoch is logged already;
+        retried through a server outage."""
         epoch = int(result["epoch"])
         if run_id not in self._logged:
-            history = self.client.get_metric_history(run_id, "train/loss")
+            history = _retried(self.uri, self.client.get_metric_history, run_id, "train/loss")
             self._logged[run_id] = max((m.step for m in history), default=0)
         if epoch <= self._logged[run_id]:
             return
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000)  # once: a retry must write the same rows
         metrics = [
             Metric(k, float(v), now, epoch)
             for k, v in result.items()
             if k.startswith(NAMESPACES) and isinstance(v, (int, float))
         ]
-        self.client.log_batch(run_id, metrics=metrics)
+        _retried(self.uri, self.client.log_batch, run_id, metrics=metrics)
         self._logged[run_id] = epoch
 
-    def finish(self, run_id: str, state: str) -> None:
-        """Closes a trial's run with its Optuna state (COMPLETE, PRUNED or FAIL), once."""
+    def finish(self, run_id: str, state: str, reason: str | None = None) -> None:
+        """Closes a trial's run with its Optuna state (COMPLETE, PRUNED or FAIL) and the reason
+        it failed, if known; once."""
         if self.client.get_run(run_id).info.status != "RUNNING":
             return
         self.client.set_tag(run_id, STATE_TAG, state)
+        if reason:
+            self.client.set_tag(run_id, FAIL_REASON_TAG, reason)
         self.client.set_terminated(run_id, "FAILED" if state == "FAIL" else "FINISHED")
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:

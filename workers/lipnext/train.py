@@ -38,7 +38,7 @@ from lipnext.certify import (
     pairwise_radius,
 )
 from lipnext.config import PRESETS, preset
-from lipnext.data import ShardLoader, open_dataset
+from lipnext.data import DataError, ShardLoader, open_dataset
 from lipnext.manifold import ManifoldAdamW, param_groups
 from lipnext.model import LipNeXt, train_flops_per_sample
 from lipnext.parallelize import apply_fsdp, materialize
@@ -81,12 +81,18 @@ class RaySession:
 
     @contextlib.contextmanager
     def checkpoint_to_restore(self):
-        restored = self.api.get_checkpoint()
-        if restored is None:
-            yield None
-        else:
-            with restored.as_directory() as directory:
+        """Ray's latest checkpoint, or the newest older one kept beside it when that one
+        fails verification (a truncated or corrupt upload); None if none verifies."""
+        for candidate in _newest_first(self.api.get_checkpoint()):
+            with candidate.as_directory() as directory:
+                try:
+                    checkpoint.verify(directory)
+                except checkpoint.CheckpointError as e:
+                    log.warning("passing over a bad checkpoint: %s", e)
+                    continue
                 yield Path(directory)
+                return
+        yield None
 
     @contextlib.contextmanager
     def checkpoint_dir(self, step: int):
@@ -95,6 +101,37 @@ class RaySession:
 
     def report(self, metrics: dict, saved: Path | None) -> None:
         self.api.report(metrics, checkpoint=self.api.Checkpoint.from_directory(saved) if saved else None)
+
+
+def _newest_first(registered) -> list:
+    """Ray's checkpoint and the older ones it keeps in the same folder (CheckpointConfig's
+    num_to_keep: Ray only hands back the latest), newest first."""
+    if registered is None:
+        return []
+    import pyarrow.fs
+
+    folder, name = registered.path.rstrip("/").rsplit("/", 1)
+    siblings = registered.filesystem.get_file_info(pyarrow.fs.FileSelector(folder))
+    older = sorted(
+        (i.path for i in siblings if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
+         and i.base_name < name),
+        reverse=True,
+    )  # fmt: skip
+    return [registered] + [type(registered)(path, filesystem=registered.filesystem) for path in older]
+
+
+class Diverged(ArithmeticError):
+    """The training loss stopped being finite: the weights are lost, and a rerun from the
+    last checkpoint would diverge again at the same step (training is deterministic)."""
+
+    def __init__(self, reason: str, report: dict):
+        super().__init__(reason)
+        self.report = report
+        """The diverged epoch's report (epoch, step, train/loss)."""
+
+
+DIVERGED = "diverged"
+"""Key of a trial's last report when it diverged: the reason."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -241,6 +278,14 @@ def train(config: TrainConfig, session) -> dict:
         progress.epoch = epoch + 1
         epoch_seconds = time.perf_counter() - epoch_start
         loss_sum, samples = _all_reduce_sum([torch.stack(losses).sum().item(), len(losses) * batch * world], device)
+        # Checked on the sum over ranks, so every rank stops at the same epoch (a per-step
+        # check on one rank's loss would leave the others waiting in FSDP's collectives).
+        if not math.isfinite(loss_sum):
+            raise Diverged(
+                f"train/loss is {loss_sum} in epoch {progress.epoch} (step {progress.step}, lr "
+                f"{schedule.get_last_lr()[0]:.3g}): the trial diverged",
+                {"epoch": progress.epoch, "step": progress.step, "train/loss": loss_sum},
+            )
         metrics = {
             "epoch": progress.epoch,
             "step": progress.step,
@@ -273,10 +318,20 @@ def train(config: TrainConfig, session) -> dict:
     return metrics
 
 
+def train_in_ray(config: TrainConfig, session: RaySession) -> None:
+    """train(), with a divergence reported as the trial's last result instead of raised:
+    Ray would retry a failed trial from its last checkpoint, to diverge again."""
+    try:
+        train(config, session)
+    except Diverged as e:
+        log.error("%s", e)
+        session.report({**e.report, DIVERGED: str(e)}, None)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry: config is TrainConfig.to_dict()."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    train(TrainConfig.from_dict(config), RaySession())
+    train_in_ray(TrainConfig.from_dict(config), RaySession())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -298,21 +353,26 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = TrainConfig(
-        model=preset(args.preset),
-        optim=OptimConfig(lr=args.lr),
-        data=DataConfig(uri=args.data, batch_size=args.batch_size, augment=args.augment),
-        checkpoint=CheckpointConfig(dir=args.checkpoint_dir),
-        epochs=args.epochs,
-        seed=args.seed,
-        precision=args.precision,
-        device=args.device,
-    )
+    try:
+        config = TrainConfig(
+            model=preset(args.preset),
+            optim=OptimConfig(lr=args.lr),
+            data=DataConfig(uri=args.data, batch_size=args.batch_size, augment=args.augment),
+            checkpoint=CheckpointConfig(dir=args.checkpoint_dir),
+            epochs=args.epochs,
+            seed=args.seed,
+            precision=args.precision,
+            device=args.device,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     torchrun = "RANK" in os.environ
     if torchrun and not dist.is_initialized():
         dist.init_process_group("nccl" if resolve_device(args.device).type == "cuda" else "gloo")
     try:
         metrics = train(config, LocalSession(config.checkpoint))
+    except (DataError, Diverged) as e:  # bad data, or a run that cannot go on: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     finally:
         if torchrun:
             dist.destroy_process_group()

@@ -42,6 +42,13 @@ class LossConfig:
     """Share of training over which eps_train ramps up linearly from 0 (the reference: half)."""
     temperature: float = 0.25
 
+    def __post_init__(self):
+        # The logits are divided by the temperature: 0 makes the first loss NaN.
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.eps_train < 0:
+            raise ValueError(f"eps_train must not be negative, got {self.eps_train}")
+
 
 @dataclass(frozen=True)
 class DataConfig:

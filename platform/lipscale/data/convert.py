@@ -12,6 +12,7 @@ error naming the file and leaves DEST alone. Nothing is downloaded: SOURCE
 is a local path or any fsspec URI.
 """
 
+import argparse
 import hashlib
 import io
 import json
@@ -347,6 +348,13 @@ def convert(name: str, source: str | None, dest: str, workers: int = 1, **option
     return write_dataset(plan(name, source, **options), dest, workers=workers)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def add_parser(subparsers):
     data = subparsers.add_parser("data", help="datasets in the LipScale shard format")
     commands = data.add_subparsers(dest="data_command", required=True)
@@ -360,8 +368,8 @@ def add_parser(subparsers):
         if source:
             p.add_argument("source", metavar="SOURCE", help="archive or folder: a path or fsspec URI")
         p.add_argument("dest", metavar="DEST", help="dataset root: a path, file:// or s3:// URI")
-        p.add_argument("--shard-size", type=int, help="samples per shard")
-        p.add_argument("--workers", type=int, default=1, help="processes writing shards")
+        p.add_argument("--shard-size", type=_positive, help="samples per shard")
+        p.add_argument("--workers", type=_positive, default=1, help="processes writing shards")
         p.set_defaults(run=_run, options=())
         return p
 

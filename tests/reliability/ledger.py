@@ -1,0 +1,45 @@
+"""What a study kept, counted from its real stores: trials lost or run twice,
+MLflow runs missing or duplicated, results rows, and epochs logged."""
+
+from collections import Counter
+
+import mlflow
+import optuna
+from lipscale import results
+from lipscale.tracking import PARENT_ATTR, RUN_ATTR, TRIAL_TAG
+
+
+def count(expected, found) -> dict[str, int]:
+    """Items of `expected` missing from `found`, and items found more than once."""
+    seen = Counter(found)
+    return {"lost": len(set(expected) - set(seen)), "duplicated": sum(n - 1 for n in seen.values())}
+
+
+def study_ledger(spec, trials: int) -> dict[str, dict[str, int]]:
+    """Lost and duplicated per store for a study that should have finished `trials` trials.
+
+    - trials: finished trials in the Optuna storage (orphans re-queued by a resume excepted)
+      against the budget; a trial number finished twice is a duplicate;
+    - runs: one MLflow child run per finished trial, carrying its number;
+    - rows: one results.parquet row per finished trial;
+    - epochs: every epoch a finished trial reported, logged once under train/loss."""
+    study = optuna.load_study(study_name=spec.name, storage=spec.optuna_url)
+    finished = results.finished_trials(study)
+    numbers = [t.number for t in finished]
+    client = mlflow.MlflowClient(spec.mlflow_uri)
+    experiment = client.get_experiment_by_name(spec.name).experiment_id
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{study.user_attrs[PARENT_ATTR]}'")
+    counts = {
+        "trials": {"lost": max(0, trials - len(set(numbers))), "duplicated": len(numbers) - len(set(numbers))},
+        "runs": count(numbers, [int(r.data.tags[TRIAL_TAG]) for r in children]),
+        "rows": count(numbers, [row["trial"] for row in results.read(spec.root).to_pylist()]),
+        "epochs": {"lost": 0, "duplicated": 0},
+    }
+    runs = {r.info.run_id for r in children}
+    counts["runs"]["lost"] += sum(t.user_attrs.get(RUN_ATTR) not in runs for t in finished)  # linked to no run
+    for t in finished:
+        last = t.user_attrs.get(results.METRICS_ATTR, {}).get("epoch", 0)
+        logged = [m.step for m in client.get_metric_history(t.user_attrs[RUN_ATTR], "train/loss")]
+        for key, n in count(range(1, last + 1), logged).items():
+            counts["epochs"][key] += n
+    return counts
