@@ -60,6 +60,16 @@ def test_the_default_root_is_under_runs_in_the_working_directory(tmp_path, monke
     assert spec.root == f"{tmp_path}/runs/small"
 
 
+def test_a_spec_without_an_mlflow_store_takes_mlflow_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/shared.db")
+    raw = small(tmp_path / "root")
+    (tmp_path / "default.yaml").write_text(yaml.safe_dump(raw))
+    raw["storage"]["mlflow"] = f"sqlite:///{tmp_path}/own.db"
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(raw))
+    assert load_spec(tmp_path / "default.yaml").mlflow_uri == f"sqlite:///{tmp_path}/shared.db"
+    assert load_spec(tmp_path / "own.yaml").mlflow_uri == f"sqlite:///{tmp_path}/own.db"
+
+
 def test_smoke_test_is_two_one_epoch_trials_under_another_name(tmp_path):
     smoke = parse_spec(small(tmp_path / "root")).smoke_test()
     assert smoke.name == "small-smoke" and smoke.root == f"{tmp_path}/root-smoke"

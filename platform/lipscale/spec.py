@@ -512,11 +512,15 @@ def parse_spec(raw: Any, source: str = "spec") -> Spec:
 
 
 def load_spec(path: str | os.PathLike) -> Spec:
-    """Reads and validates a spec file; raises SpecError naming the field. Touches nothing else."""
+    """Reads and validates a spec file; raises SpecError naming the field. Touches nothing else.
+    A spec that names no MLflow store takes MLFLOW_TRACKING_URI's, as MLflow's own clients do."""
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
         raise SpecError(f"{path}: {e}") from None
+    tracking = os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking and isinstance(raw, dict) and isinstance(raw.get("storage", {}), dict):
+        raw["storage"] = {"mlflow": tracking, **raw.get("storage", {})}  # the spec's own wins
     return parse_spec(raw, str(path))
 
 
