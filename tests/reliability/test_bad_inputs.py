@@ -105,7 +105,7 @@ SPECS = [
     ("dataset URI of an unknown scheme", [("dataset", {"name": "mnist", "uri": "nosuch://bucket/mnist"})],
      "dataset.uri: no converted dataset at nosuch://bucket/mnist: Protocol not known: nosuch"),
     ("PostgreSQL URL to a closed port", [("storage.optuna", "postgresql://lipscale:secret@127.0.0.1:{port}/optuna")],
-     "storage.optuna: cannot connect to postgresql://lipscale:secret@127.0.0.1:{port}/optuna: " + POSTGRES_ERROR),
+     "storage.optuna: cannot connect to postgresql://lipscale:***@127.0.0.1:{port}/optuna: " + POSTGRES_ERROR),
 ]  # fmt: skip
 
 
@@ -282,6 +282,14 @@ def test_an_s3_endpoint_where_nothing_answers(s3, tmp_path, capsys, monkeypatch,
     error = run_refused(tmp_path, raw, capsys)
     assert error.startswith(f"storage.root: cannot reach {s3['uri']}/study: "), error
     assert closed in error
+
+
+def test_a_tracking_uri_where_no_server_answers(tmp_path, capsys, monkeypatch, scoreboard):
+    scoreboard.bad_input("environment: MLFLOW_TRACKING_URI at a closed port, for a spec that names no MLflow store")
+    closed = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", closed)
+    error = run_refused(tmp_path, small(tmp_path / "root"), capsys)
+    assert error.startswith(f"storage.mlflow: {closed} does not answer: "), error
 
 
 @pytest.mark.parametrize(
