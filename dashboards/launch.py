@@ -1,5 +1,6 @@
 """Opens a study's MLflow UI or optuna-dashboard on 127.0.0.1, on the stores its
-spec names (the SQLite files under the study root by default):
+spec names (the SQLite files under the study root by default; a study on an
+MLflow server is shown by that server's own UI, whose address it prints):
 
     dashboards/mlflow_ui.sh studies/specs/digits.yaml          # http://127.0.0.1:5000
     dashboards/optuna_dashboard.sh studies/specs/digits.yaml   # http://127.0.0.1:8080
@@ -14,6 +15,7 @@ import shutil
 import sys
 
 from lipscale.spec import SpecError, load_spec, redact
+from lipscale.tracking import SERVERS
 
 HOST = "127.0.0.1"
 """Local only: neither server authenticates anyone. Reach a remote one through an SSH tunnel."""
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.tool == "mlflow" and spec.mlflow_uri.split(":", 1)[0] in SERVERS:
+        print(f"study {spec.name}: its MLflow server serves the UI: {redact(spec.mlflow_uri)}")
+        return 0
     default_port, command = TOOLS[args.tool]
     argv = command(spec, args.port or default_port)
     if shutil.which(argv[0]) is None:

@@ -251,6 +251,15 @@ def test_dashboards_report_py_is_lipscale_report():
     assert done.returncode == 0 and done.stdout.startswith("usage: lipscale report [-h]"), done.stderr
 
 
+def test_the_mlflow_dashboard_of_a_study_on_a_tracking_server_is_that_server(tmp_path):
+    spec = yaml.safe_load(_write_spec(tmp_path / "root").read_text())
+    spec["storage"]["mlflow"] = "https://lipscale:secret@mlflow.example.org"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    done = subprocess.run([REPO / "dashboards" / "mlflow_ui.sh", tmp_path / "spec.yaml"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "study report-test: its MLflow server serves the UI: https://lipscale:***@mlflow.example.org\n"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "script, path",
