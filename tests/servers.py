@@ -9,7 +9,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 import urllib.error
 import urllib.request
 
@@ -130,3 +132,28 @@ def mlflow_server(folder):
         yield server
     finally:
         server.kill()
+
+
+@contextlib.contextmanager
+def outage(server, once: Callable[[], bool], down_s: float = 5, timeout_s: float = 300):
+    """While the block runs: once `once()` holds (or timeout_s has passed), server.kill(), and
+    server.start() down_s later, from a background thread. Yields a list that holds the
+    outage's (start, end) in epoch seconds when the block has ended."""
+    window: list[tuple[float, float]] = []
+
+    def cut():
+        deadline = time.monotonic() + timeout_s
+        while not once() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server.kill()
+        began = time.time()
+        time.sleep(down_s)
+        server.start()
+        window.append((began, time.time()))
+
+    thread = threading.Thread(target=cut)
+    thread.start()
+    try:
+        yield window
+    finally:
+        thread.join()

@@ -23,7 +23,7 @@ from lipscale import results
 from lipscale.spec import parse_spec
 from lipscale.study import open_study, run
 from lipscale.tracking import FAIL_REASON_TAG, RUN_ATTR, STATE_TAG
-from servers import mlflow_server
+from servers import mlflow_server, outage
 from test_spec import small
 from test_study import local_ray  # noqa: F401 - a fixture
 
@@ -118,20 +118,10 @@ def test_a_ray_train_worker_killed_mid_epoch(local_ray, tmp_path, scoreboard):
 # --- the tracking server killed and restarted ------------------------------------------------
 
 
-def _kill_the_server_while_trials_run(server, spec, outage: list, down_s: float = 5) -> None:
-    """SIGKILLs the MLflow server once a trial has logged an epoch; restarts it `down_s` later."""
-    deadline = time.monotonic() + 300
+def _an_epoch_is_logged(server, spec) -> bool:
     client = mlflow.MlflowClient(server.uri)
-    while time.monotonic() < deadline:
-        experiment = client.get_experiment_by_name(spec.name)
-        if experiment and any(r.data.metrics.get("train/loss") for r in client.search_runs([experiment.experiment_id])):
-            break
-        time.sleep(0.2)
-    server.kill()
-    killed_at = time.time()
-    time.sleep(down_s)
-    server.start()
-    outage.append((killed_at, time.time()))
+    experiment = client.get_experiment_by_name(spec.name)
+    return bool(experiment) and any(r.data.metrics.get("train/loss") for r in client.search_runs([experiment.experiment_id]))
 
 
 def test_the_tracking_server_killed_mid_study_and_restarted(local_ray, tmp_path, scoreboard):
@@ -141,13 +131,10 @@ def test_the_tracking_server_killed_mid_study_and_restarted(local_ray, tmp_path,
         raw = fifo_spec(tmp_path / "root", trials=2, epochs=8)
         raw["storage"]["mlflow"] = server.uri
         spec = parse_spec(raw)
-        outage: list = []
-        killer = threading.Thread(target=_kill_the_server_while_trials_run, args=(server, spec, outage))
-        killer.start()
-        study = run(spec)
-        killer.join()
+        with outage(server, once=lambda: _an_epoch_is_logged(server, spec)) as window:
+            study = run(spec)
 
-        ((killed_at, back_at),) = outage
+        ((killed_at, back_at),) = window
         assert all(t.datetime_complete.timestamp() > back_at for t in study.trials), "the outage missed the trials"
         assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
         client = mlflow.MlflowClient(spec.mlflow_uri)

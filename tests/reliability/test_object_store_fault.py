@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from lipnext import checkpoint
 from lipscale.spec import parse_spec
 from lipscale.study import run
 from lipscale.tracking import RUN_ATTR
-from servers import free_port, kill_session, moto_server
+from servers import free_port, kill_session, moto_server, outage
 from test_spec import small
 
 pytestmark = pytest.mark.slow
@@ -64,17 +63,9 @@ def flaky_s3():
             forwarder.kill()
 
 
-def _cut_the_endpoint_during_checkpoints(forwarder, moto, outage: list, down_s: float = 5) -> None:
-    """Once the trial has two checkpoints in the bucket, the endpoint goes away for `down_s`."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(moto.glob("lipscale/study/tune/trial-0000/checkpoint_*/.metadata")) < 2:
-        moto.invalidate_cache()
-        time.sleep(0.1)
-    forwarder.kill()
-    cut = time.time()
-    time.sleep(down_s)
-    forwarder.start()
-    outage.append((cut, time.time()))
+def _two_checkpoints_are_in_the_bucket(moto) -> bool:
+    moto.invalidate_cache()
+    return len(moto.glob("lipscale/study/tune/trial-0000/checkpoint_*/.metadata")) >= 2
 
 
 def test_the_object_store_unreachable_while_checkpoints_are_written(flaky_s3, tmp_path, scoreboard):
@@ -86,13 +77,10 @@ def test_the_object_store_unreachable_while_checkpoints_are_written(flaky_s3, tm
     raw["scheduler"] = {"kind": "fifo"}
     raw["fixed"]["checkpoint"] = {"keep": 2}
     spec = parse_spec(raw)
-    outage: list = []
-    killer = threading.Thread(target=_cut_the_endpoint_during_checkpoints, args=(forwarder, moto, outage))
-    killer.start()
-    (trial,) = run(spec).trials
-    killer.join()
+    with outage(forwarder, once=lambda: _two_checkpoints_are_in_the_bucket(moto)) as window:
+        (trial,) = run(spec).trials
 
-    ((cut, back),) = outage
+    ((cut, back),) = window
     assert trial.datetime_complete.timestamp() > back, "the outage came after the trial"
     assert trial.state.name == "COMPLETE"
     history = mlflow.MlflowClient(spec.mlflow_uri).get_metric_history(trial.user_attrs[RUN_ATTR], "train/loss")
