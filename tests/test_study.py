@@ -2,6 +2,9 @@
 finished study leaves behind, continuing one, and the trials a dead driver
 orphaned."""
 
+import errno
+import sqlite3
+
 import mlflow
 import optuna
 import pytest
@@ -15,7 +18,7 @@ from lipnext.certify import lipschitz_bound
 from lipnext.checkpoint import load_model
 from lipscale import cli, results
 from lipscale.spec import METRICS, SpecError, parse_spec
-from lipscale.study import StudySearch, distributions, open_study, run
+from lipscale.study import StorageFull, StudySearch, distributions, open_study, run, storage_full
 from lipscale.tracking import PARENT_ATTR, RUN_ATTR, STATE_TAG, TRIAL_TAG, Tracking, flatten
 
 pytestmark = pytest.mark.slow
@@ -196,3 +199,16 @@ def test_a_trial_of_two_workers_runs_as_a_ray_train_job(local_ray, tmp_path):
     assert trial.user_attrs[results.CHECKPOINT_ATTR].startswith(f"{spec.root}/train/trial-0000/")
     history = mlflow.MlflowClient(spec.mlflow_uri).get_metric_history(trial.user_attrs[RUN_ATTR], "eval/cra_36")
     assert [m.step for m in history] == [1] and history[0].value == trial.value
+
+
+def test_a_full_disk_is_recognised_in_every_form_it_reaches_the_driver():
+    no_space = OSError(errno.ENOSPC, "No space left on device", "checkpoint/__0_0.distcp")
+    sqlite_full = sqlite3.OperationalError("database or disk is full")
+    assert storage_full(no_space) is no_space and storage_full(sqlite_full) is sqlite_full
+    reported = StorageFull(str(no_space))  # a trial's report of it carries the message only
+    assert storage_full(reported) is reported
+    try:
+        raise RuntimeError("Tune's wrapping of a callback's error") from reported
+    except RuntimeError as wrapped:
+        assert storage_full(wrapped) is reported
+    assert storage_full(OSError(errno.EACCES, "Permission denied")) is None

@@ -65,7 +65,11 @@ def storage_full(error: BaseException | None) -> BaseException | None:
     SQLite file on it) is full; None if none does."""
     found = None
     while error is not None:
-        if getattr(error, "errno", None) == errno.ENOSPC or "database or disk is full" in str(error):
+        if (
+            isinstance(error, StorageFull)  # a trial's report of it, which carries only the message
+            or getattr(error, "errno", None) == errno.ENOSPC
+            or "database or disk is full" in str(error)
+        ):
             found = error
         error = error.__cause__ or error.__context__
     return found
