@@ -86,7 +86,7 @@ def test_a_run_resumed_from_a_checkpoint_ends_exactly_like_an_uninterrupted_one(
 
 def test_data_that_does_not_fit_the_model_is_refused_naming_the_field(digits_shards, tmp_path):
     bad = TrainConfig(model=preset("cifar-l8w256"), data=DataConfig(uri=digits_shards))
-    with pytest.raises(ValueError, match=r"data\.uri: .* holds \(1, 8, 8\) images"):
+    with pytest.raises(ValueError, match=r"data\.uri: .* holds \(1, 8, 8\) images of 10 classes; the model takes \(3, 32, 32\)"):
         train(bad, LocalSession(bad.checkpoint))
 
 

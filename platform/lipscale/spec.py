@@ -473,10 +473,9 @@ def plan_trial(config: TrainConfig, workers: int):
     """The planner's estimate of a trial's train step on each of its workers."""
     from lipscale.plan import plan
 
-    o = config.optim
     return plan(
         config.model, batch=config.data.batch_size // workers, world_size=workers, dtype=config.precision,
-        optimizer=dict(lookahead_steps=o.lookahead_steps, ema_decay=o.ema_decay),
+        optimizer=config.optim.optimizer_kwargs(),
     )  # fmt: skip
 
 
@@ -615,13 +614,8 @@ def _check_data(spec: Spec) -> list[tuple[str, str]]:
             return [("dataset.uri", f"no converted dataset at {spec.data_uri}: {e}")]
         digits = plan(DIGITS)
         shape, classes = digits.shape, len(digits.classes)
-    m = spec.train_config({}).model
-    if shape != (m.in_channels, m.image_size, m.image_size) or classes != m.num_classes:
-        return [(
-            "fixed.model",
-            f"{spec.dataset.name} holds {shape} images of {classes} classes; the model takes "
-            f"{(m.in_channels, m.image_size, m.image_size)} and {m.num_classes}",
-        )]  # fmt: skip
+    if problem := spec.train_config({}).model.data_mismatch(shape, classes):
+        return [("fixed.model", f"{spec.dataset.name} {problem}")]
     return []
 
 

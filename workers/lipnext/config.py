@@ -73,6 +73,13 @@ class LipNeXtConfig:
         """Length of one flattened patch: the stem's input size."""
         return self.in_channels * self.patch_size**2
 
+    def data_mismatch(self, shape: tuple[int, int, int], classes: int) -> str | None:
+        """Why a dataset of (C, H, W) images in `classes` classes cannot feed this model; None if it can."""
+        wanted = (self.in_channels, self.image_size, self.image_size)
+        if tuple(shape) == wanted and classes == self.num_classes:
+            return None
+        return f"holds {tuple(shape)} images of {classes} classes; the model takes {wanted} and {self.num_classes}"
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -196,17 +196,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _check_data(config: TrainConfig, manifest) -> None:
-    m = config.model
-    if tuple(manifest.shape) != (m.in_channels, m.image_size, m.image_size):
-        raise ValueError(
-            f"data.uri: {config.data.uri} holds {tuple(manifest.shape)} images, the model expects "
-            f"{(m.in_channels, m.image_size, m.image_size)}"
-        )
-    if len(manifest.classes) != m.num_classes:
-        raise ValueError(f"data.uri: {config.data.uri} has {len(manifest.classes)} classes, model.num_classes={m.num_classes}")
-
-
 def train(config: TrainConfig, session) -> dict:
     """Trains to config.epochs (resuming from the session's checkpoint, if
     any) and returns the last reported metrics."""
@@ -218,7 +207,8 @@ def train(config: TrainConfig, session) -> dict:
     torch.manual_seed(config.seed)
 
     dataset = open_dataset(config.data.uri)
-    _check_data(config, dataset.manifest)
+    if problem := config.model.data_mismatch(dataset.manifest.shape, len(dataset.manifest.classes)):
+        raise ValueError(f"data.uri: {config.data.uri} {problem}")
     common = dict(rank=rank, world_size=world, seed=config.seed, prefetch=config.data.prefetch)
     train_loader = ShardLoader(dataset, "train", batch, shuffle=True, drop_last=True, augment=config.data.augment, **common)
     test_loader = ShardLoader(dataset, "test", batch, shuffle=False, **common)
@@ -229,16 +219,7 @@ def train(config: TrainConfig, session) -> dict:
         apply_fsdp(model, init_device_mesh(device.type, (world,)))
     materialize(model, device, config.seed)
     o = config.optim
-    optimizer = ManifoldAdamW(
-        param_groups(model),
-        lr=o.lr,
-        betas=o.betas,
-        weight_decay=o.weight_decay,
-        lookahead_steps=o.lookahead_steps,
-        lookahead_alpha=o.lookahead_alpha,
-        reorthogonalize_every=o.reorthogonalize_every,
-        ema_decay=o.ema_decay,
-    )
+    optimizer = ManifoldAdamW(param_groups(model), **o.optimizer_kwargs())
     total_steps = config.epochs * len(train_loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, o.warmup_fraction))
     progress = checkpoint.Progress()

@@ -33,6 +33,14 @@ class OptimConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
 
+    def optimizer_kwargs(self) -> dict:
+        """ManifoldAdamW's keyword arguments (lipnext.manifold), the one copy of them."""
+        return dict(
+            lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, lookahead_steps=self.lookahead_steps,
+            lookahead_alpha=self.lookahead_alpha, reorthogonalize_every=self.reorthogonalize_every,
+            ema_decay=self.ema_decay,
+        )
+
 
 @dataclass(frozen=True)
 class LossConfig:

@@ -1,0 +1,53 @@
+"""What a trial reports: the names of the metric contract (../shared/DESIGN.md), once.
+
+Every report of lipnext.train is a flat dict whose metric keys carry one of
+NAMESPACES; the platform (objectives, MLflow, the results table, the fits)
+imports these names instead of spelling them.
+"""
+
+EPS_255 = (36, 72, 108, 255)
+"""Certified radii reported as eval/cra_<k>, for eps = k / 255 (L2, raw [0, 1] pixels)."""
+
+
+def cra(k: int) -> str:
+    """The metric of accuracy certified at radius k / 255."""
+    return f"eval/cra_{k}"
+
+
+CLEAN_ACC = "eval/clean_acc"
+ACCURACIES: dict[str, float] = {CLEAN_ACC: 0.0, **{cra(k): k / 255 for k in EPS_255}}
+"""Accuracy metrics and the radius each is certified at (clean accuracy: radius 0)."""
+
+TRAIN_LOSS = "train/loss"
+TRAIN_LR = "train/lr"
+TRAIN_EPS = "train/eps"
+"""The training radius of the epoch's last step."""
+TRAIN_SAMPLES = "train/samples"
+"""Training samples seen so far, over all ranks: with model/flops_per_sample, the compute."""
+TRAIN_SAMPLES_PER_S = "perf/train_samples_per_s"
+EVAL_SAMPLES_PER_S = "perf/eval_samples_per_s"
+STEP_TIME_S = "perf/step_time_s"
+PARAMS = "model/params"
+FLOPS_PER_SAMPLE = "model/flops_per_sample"
+LIPSCHITZ_BOUND = "model/lipschitz_bound"
+ORTHO_ERROR = "model/ortho_error"
+
+CONTRACT = (
+    *ACCURACIES, TRAIN_LOSS, TRAIN_SAMPLES_PER_S, EVAL_SAMPLES_PER_S, STEP_TIME_S,
+    PARAMS, FLOPS_PER_SAMPLE, LIPSCHITZ_BOUND, ORTHO_ERROR,
+)  # fmt: skip
+"""The metrics every trial reports, and that an objective or a scheduler may name."""
+
+NAMESPACES = ("eval/", "train/", "perf/", "model/")
+"""Prefixes of the keys of a report that are metrics (the rest is bookkeeping)."""
+
+EPOCH = "epoch"
+"""Epochs completed (the MLflow step of a report's metrics)."""
+STEP = "step"
+"""Optimizer steps taken."""
+DIVERGED = "diverged"
+"""Key of a trial's last report when its loss stopped being finite: the reason."""
+
+
+def is_metric(key: str) -> bool:
+    return key.startswith(NAMESPACES)
