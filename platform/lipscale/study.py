@@ -39,7 +39,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from lipnext.data import DataError, open_dataset
-from lipnext.train import DIVERGED
+from lipnext.metrics import DIVERGED
 from lipnext.train_config import TrainConfig
 from lipscale import results
 from lipscale.spec import DIGITS, GIB, SEARCHABLE, Spec, SpecError, check_storage, load_spec, plan_trial, redact

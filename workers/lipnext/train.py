@@ -40,6 +40,7 @@ from lipnext.certify import (
 from lipnext.config import PRESETS, preset
 from lipnext.data import DataError, ShardLoader, open_dataset
 from lipnext.manifold import ManifoldAdamW, param_groups
+from lipnext.metrics import DIVERGED, TRAIN_SAMPLES
 from lipnext.model import LipNeXt, train_flops_per_sample
 from lipnext.parallelize import apply_fsdp, materialize
 from lipnext.train_config import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
@@ -128,10 +129,6 @@ class Diverged(ArithmeticError):
         super().__init__(reason)
         self.report = report
         """The diverged epoch's report (epoch, step, train/loss)."""
-
-
-DIVERGED = "diverged"
-"""Key of a trial's last report when it diverged: the reason."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -273,6 +270,7 @@ def train(config: TrainConfig, session) -> dict:
             "train/loss": loss_sum * batch * world / max(1, samples),
             "train/lr": schedule.get_last_lr()[0],
             "train/eps": eps,
+            TRAIN_SAMPLES: progress.step * batch * world,
             "perf/train_samples_per_s": samples / epoch_seconds,
             "perf/step_time_s": statistics.median(step_times),
             **facts,
