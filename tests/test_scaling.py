@@ -6,6 +6,7 @@ multiplicative noise, three seeds per size, the way a study produces them.
 """
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from lipscale.scaling import (
     compare_shapes,
     compute_frontier,
     decades_beyond,
+    fit_isoflop,
     fit_joint,
     fit_power_law,
     fit_shared_exponent,
@@ -360,3 +362,101 @@ def test_a_shared_exponent_needs_two_metrics_of_one_length():
         fit_shared_exponent(n, {"a": err, "b": err[:-1]}, resamples=5)
     with pytest.raises(ValueError, match="every b equals 0.5"):
         fit_shared_exponent(n, {"a": err, "b": np.full(len(n), 0.5)}, resamples=5)
+
+
+# --- IsoFLOP curves: Chinchilla's approach 2 -----------------------------------------------
+
+G = (JOINT["alpha"] * JOINT["A"] / (JOINT["beta"] * JOINT["B"])) ** (1 / (JOINT["alpha"] + JOINT["beta"]))
+A_OPT = JOINT["beta"] / (JOINT["alpha"] + JOINT["beta"])  # 0.545
+"""The JOINT law with D = C / (6 N) is least at N_opt = G (C / 6)^A_OPT."""
+
+
+def _n_opt(c):
+    return G * (np.asarray(c, dtype=float) / 6) ** A_OPT
+
+
+def _isoflop_runs(seed: int, budgets=np.logspace(13, 16, 4)):
+    """At each budget 7 sizes from N_opt / 10 to 10 N_opt, each trained to use
+    the budget (to 1%), one run each, 1% noise: an isoflop design."""
+    rng = np.random.default_rng(seed)
+    n = np.concatenate([_n_opt(c) * np.logspace(-1, 1, 7) for c in budgets])
+    flops = np.repeat(budgets, 7) * (1 + 0.01 * rng.uniform(-1, 1, len(n)))
+    law = JOINT["E"] + JOINT["A"] * n ** -JOINT["alpha"] + JOINT["B"] * (flops / (6 * n)) ** -JOINT["beta"]
+    return n, flops, law * np.exp(0.01 * rng.standard_normal(len(n)))
+
+
+def test_isoflop_curves_find_each_budgets_optimum_and_the_frontier_through_them():
+    n, flops, err = _isoflop_runs(seed=0)
+    fit = fit_isoflop(n, flops, err, resamples=200)
+    assert [round(np.log10(curve.budget)) for curve in fit.curves] == [13, 14, 15, 16]
+    assert sorted(i for curve in fit.curves for i in curve.rows) == list(range(len(n)))
+    for curve in fit.curves:
+        opt = curve.minimum.predicted
+        assert curve.bracketed and opt.n == pytest.approx(_n_opt(curve.budget), rel=0.15)
+        assert curve.minimum.n_low <= opt.n <= curve.minimum.n_high and opt.low <= opt.err <= opt.high
+        assert opt.d == pytest.approx(curve.budget / opt.n)
+        assert curve.err(opt.n) == opt.err and curve.err(opt.n * 3) > opt.err
+        assert curve.minimum.best_err == err[list(curve.rows)].min() <= opt.err + 0.01
+    assert fit.intervals["a"][0] <= A_OPT <= fit.intervals["a"][1] and fit.a == pytest.approx(A_OPT, abs=0.03)
+    frontier = fit.extrapolate([1e18, 1e20])  # 2 and 4 decades beyond the largest budget
+    assert frontier.decades == pytest.approx((2, 4), abs=0.01)
+    for size in frontier:
+        assert size.low <= size.n <= size.high and size.low <= _n_opt(size.budget) <= size.high
+    assert frontier[1].high / frontier[1].low > frontier[0].high / frontier[0].low  # wider further out
+    assert frontier.validation is fit.validation and fit.validation.inside and fit.validation.x == fit.curves[-1].budget
+    assert fit.validation.law.largest == fit.curves[-2].budget
+
+
+def test_isoflop_and_the_joint_law_agree_on_the_compute_optimal_size():
+    """Approach 2 (parabolas at each budget) and approach 3 (the joint law
+    minimised at fixed C) on the same runs: the same N_opt to 20%."""
+    n, flops, err = _isoflop_runs(seed=1)
+    isoflop = fit_isoflop(n, flops, err, resamples=50)
+    _, points = compute_frontier(n, flops, err, [1e16, 1e18], resamples=20)
+    for point, size in zip(points, isoflop.extrapolate([1e16, 1e18])):
+        assert point.predicted.n == pytest.approx(size.n, rel=0.2)
+
+
+def test_isoflop_validation_needs_three_budgets():
+    n, flops, err = _isoflop_runs(seed=0, budgets=[1e13, 1e14])
+    assert fit_isoflop(n, flops, err, resamples=10).validation is None
+
+
+def test_isoflop_refuses_budgets_it_cannot_fit_with_the_reason():
+    n, flops, err = _isoflop_runs(seed=0)
+    with pytest.raises(ValueError, match="N_opt = k C\\^a needs 2 FLOP budgets or more"):
+        fit_isoflop(n[:7], flops[:7], err[:7], resamples=5)
+    two_sizes = np.r_[np.arange(2), np.arange(7, len(n))]
+    budget = f"{np.median(flops[:2]):.3g}"  # 1e13 to 1%
+    with pytest.raises(ValueError, match=re.escape(f"the 2 runs at budget {budget} FLOPs take 2 distinct sizes")):
+        fit_isoflop(n[two_sizes], flops[two_sizes], err[two_sizes], resamples=5)
+    falling = err.copy()
+    falling[:7] = np.linspace(0.5, 0.3, 7) - 0.01 * (np.arange(7) - 3) ** 2  # curves down
+    with pytest.raises(ValueError, match=re.escape(f"budget {np.median(flops[:7]):.3g} FLOPs show no minimum")):
+        fit_isoflop(n, flops, falling, resamples=5)
+
+
+def test_compare_shapes_at_fixed_params_ranks_the_paper_question():
+    """L32W4096 against L64W2896 at about 1.07B parameters: two seeds each."""
+    rows = [  # width, depth, params, err (1 - CRA at eps 1)
+        (4096, 32, 1.0737e9, 0.700), (4096, 32, 1.0737e9, 0.702),
+        (2896, 64, 1.0735e9, 0.704), (2896, 64, 1.0735e9, 0.706),
+        (2048, 32, 2.684e8, 0.75),  # alone at its size: nothing to compare
+        (1024, 32, 6.71e7, 0.771), (724, 64, 6.71e7, 0.768),
+    ]
+    groups = compare_shapes(*zip(*rows))
+    assert [round(g.params, -6) for g in groups] == [6.7e7, 1.074e9]
+    small, large = groups
+    assert [(s.width, s.depth) for s in small.shapes] == [(724, 64), (1024, 32)]
+    assert [(s.width, s.depth) for s in large.shapes] == [(4096, 32), (2896, 64)]
+    assert large.shapes[0].runs == 2 and large.shapes[0].err == pytest.approx(0.701)
+    assert large.shapes[0].err_std == pytest.approx(np.std([0.700, 0.702], ddof=1))
+    assert small.shapes[0].err_std is None
+    assert large.gap == pytest.approx(0.004)
+
+
+def test_compare_shapes_refuses_ragged_or_nan_columns():
+    with pytest.raises(ValueError, match="differ in length"):
+        compare_shapes([1, 2], [1, 2], [1e6], [0.5, 0.4])
+    with pytest.raises(ValueError, match="NaN"):
+        compare_shapes([1, 2], [1, 2], [1e6, 1e6], [0.5, np.nan])

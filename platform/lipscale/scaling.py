@@ -4,8 +4,8 @@
     err(N, D) = E + A N^-alpha + B D^-beta     fit_joint: parameters and data (or steps)
     err_m(N)  = E_m + A_m N^-alpha             fit_shared_exponent: a law per metric (1 - CRA at each
                                                eps), one exponent shared by all
-    N_opt(C)                                   compute_frontier: Chinchilla's approach 3, the joint law
-                                               minimised at fixed C
+    N_opt(C)  = k C^a                          fit_isoflop: Chinchilla's approach 2, runs at fixed FLOP budgets;
+                                               compute_frontier: approach 3, the joint law minimised at fixed C
 
 Every law may take link="logit" for errors bounded by 1: the odds
 err / (1 - err) follow the right-hand side instead of err. For small err the
@@ -66,7 +66,7 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Validation:
-    """A law refitted without its largest size and checked
+    """A law refitted without its largest size (or FLOP budget) and checked
     against what was measured there.
 
     The interval is one for the measured value: the refit's bootstrap spread
@@ -80,18 +80,18 @@ class Validation:
     """
 
     x: float
-    """The held-out size: the largest N (or C) of the runs."""
+    """The held-out size: the largest N (or C) of the runs, or the largest FLOP budget."""
     predicted: float
     """The refit's prediction, averaged over the held-out runs."""
     low: float
     high: float
     """Interval at `level` for `measured_mean`."""
     measured: tuple[float, ...]
-    """The held-out runs' errors."""
+    """The held-out runs' errors (fit_isoflop: the largest budget's compute-optimal N)."""
     mean_abs_error: float
     """Mean |measured - predicted| over the held-out runs."""
     level: float
-    law: "PowerLawFit" = field(repr=False, compare=False)
+    law: "PowerLawFit | IsoFLOPFit" = field(repr=False, compare=False)
     """The refit itself, e.g. to draw its curve on to the held-out size."""
 
     @property
@@ -499,12 +499,12 @@ def _hold_out(x: dict, y: dict, link: str, resamples: int, level: float, seed: i
 
 @dataclass(frozen=True)
 class FrontierPoint:
-    """What a FLOP budget buys: the best run observed within it, and the fitted
-    compute-optimal size and its error there."""
+    """What a FLOP budget buys: the best run observed within it (compute_frontier)
+    or at it (fit_isoflop), and the fitted compute-optimal size and its error there."""
 
     budget: float
     best_row: int | None
-    """Index of the run with the lowest error among those within the budget; None if none is."""
+    """Index of the run with the lowest error among those within (at) the budget; None if none is."""
     best_err: float | None
     predicted: Prediction
     """The fitted optimum: n = compute-optimal parameters, d = budget / n, err with its interval."""
@@ -551,6 +551,184 @@ def _optimum(params: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]
         return n, e + a * n**-alpha + b * (budget / n) ** -beta
 
 
+# --- IsoFLOP curves: Chinchilla's approach 2 ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class IsoFLOPCurve:
+    """The runs at one FLOP budget and the parabola in ln N through their errors
+    (Chinchilla's Figure 3, left), with its minimum."""
+
+    budget: float
+    """Median training FLOPs of the runs."""
+    rows: tuple[int, ...]
+    """Indices of the runs."""
+    sizes: tuple[float, float]
+    """The smallest and largest N run at this budget."""
+    minimum: FrontierPoint
+    curvature: float
+    """err = minimum err + curvature ln(N / N_opt)^2."""
+
+    def err(self, n) -> np.ndarray:
+        """The parabola at parameters `n`."""
+        opt = self.minimum.predicted
+        return opt.err + self.curvature * np.log(np.asarray(n, dtype=float) / opt.n) ** 2
+
+    @property
+    def bracketed(self) -> bool:
+        """Whether the minimum lies among the sizes run; if not, the parabola's
+        extrapolation places it, and the budget wants sizes further that way."""
+        return self.sizes[0] <= self.minimum.predicted.n <= self.sizes[1]
+
+
+@dataclass(frozen=True)
+class OptimalSize:
+    """The compute-optimal size at one FLOP budget, N_opt = k C^a, with its bootstrap interval."""
+
+    budget: float
+    n: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class IsoFLOPFit:
+    """Chinchilla's approach 2: at each FLOP budget the minimum of a parabola in
+    ln N, and N_opt = k C^a through those minima (least squares in logs)."""
+
+    curves: list[IsoFLOPCurve]
+    """One per budget, cheapest first."""
+    k: float
+    a: float
+    intervals: dict[str, tuple[float, float]]
+    """Bootstrap percentile intervals of k and a, at `level`."""
+    level: float
+    validation: Validation | None
+    """N_opt = k C^a refitted without the largest budget and checked against that
+    budget's minimum (its measured value); None with fewer than 3 budgets."""
+    samples: np.ndarray = field(repr=False, compare=False)
+    """(resamples, 2): k and a of the bootstrap refits."""
+
+    @property
+    def largest(self) -> float:
+        """The largest budget fitted: where extrapolation begins."""
+        return self.curves[-1].budget
+
+    def predict(self, budgets) -> np.ndarray:
+        """The compute-optimal N at each of `budgets`."""
+        return self.k * np.asarray(budgets, dtype=float) ** self.a
+
+    def interval(self, budgets) -> list[OptimalSize]:
+        c = np.atleast_1d(np.asarray(budgets, dtype=float))
+        low, high = _quantiles(self.samples[:, :1] * c ** self.samples[:, 1:], self.level)
+        return [
+            OptimalSize(float(b), float(n), float(lo), float(hi)) for b, n, lo, hi in zip(c, self.predict(c), low, high)
+        ]
+
+    def extrapolate(self, budgets) -> Extrapolation[OptimalSize]:
+        """`interval` at each of `budgets`, with the decades beyond the largest budget and the validation."""
+        c = np.atleast_1d(np.asarray(budgets, dtype=float))
+        return Extrapolation(tuple(self.interval(c)), tuple(decades_beyond(c, self.largest).tolist()), self.validation)
+
+
+def fit_isoflop(
+    params, flops, err, *, rel_tol: float = 0.05, resamples: int = 200, level: float = 0.9, seed: int = 0
+) -> IsoFLOPFit:
+    """Chinchilla's approach 2 over runs whose training was set to exhaust fixed
+    FLOP budgets: runs whose `flops` lie within `rel_tol` of the cheapest of them
+    share a budget; at each, err = c0 + c1 ln N + c2 (ln N)^2 by least squares (as
+    Hoffmann et al. fitted loss) places the compute-optimal N and its error; then
+    ln N_opt = ln k + a ln C by least squares across budgets.
+
+    The bootstrap resamples runs within each budget (the budgets are the design,
+    not a sample of it) and refits every parabola and the line."""
+    n, c, y = (np.asarray(v, dtype=float) for v in (params, flops, err))
+    _check_columns({"params": n, "flops": c, "err": y}, like="err")
+    _check_bootstrap(resamples, level)
+    rng = np.random.default_rng(seed)
+    curves, log_n = [], []  # log_n: per budget, ln N_opt of the full data and then of each resample
+    for rows in _groups(c, rel_tol):
+        budget, u, yb = float(np.median(c[rows])), np.log(n[rows]), y[rows]
+        if len(np.unique(u)) < 3:
+            raise ValueError(
+                f"the {len(rows)} runs at budget {budget:.3g} FLOPs take {len(np.unique(u))} distinct sizes; "
+                "a parabola needs at least 3"
+            )
+        point = _parabola(u, yb, np.ones(len(rows)))
+        if point is None:
+            raise ValueError(f"the runs at budget {budget:.3g} FLOPs show no minimum: their errors curve down in ln N")
+
+        def curves_up(counts: np.ndarray, u=u, yb=yb) -> bool:
+            return _parabola(u, yb, counts) is not None
+
+        what = f"at budget {budget:.3g} FLOPs curves up over 3 distinct sizes"
+        fits = np.array([point] + [_parabola(u, yb, _draw(len(rows), curves_up, rng, what)) for _ in range(resamples)])
+        (n_low, low), (n_high, high) = _quantiles(np.stack([np.exp(fits[1:, 0]), fits[1:, 1]], axis=1), level)
+        n_opt, err_opt = float(np.exp(point[0])), float(point[1])
+        best = int(rows[np.argmin(yb)])
+        minimum = FrontierPoint(
+            budget, best, float(y[best]), Prediction(n_opt, budget / n_opt, err_opt, float(low), float(high)),
+            float(n_low), float(n_high),
+        )  # fmt: skip
+        sizes = (float(n[rows].min()), float(n[rows].max()))
+        curves.append(IsoFLOPCurve(budget, tuple(rows.tolist()), sizes, minimum, float(point[2])))
+        log_n.append(fits[:, 0])
+    if len(curves) < 2:
+        raise ValueError(f"N_opt = k C^a needs 2 FLOP budgets or more; the runs share 1 (within rel_tol {rel_tol})")
+    return _size_frontier(curves, np.stack(log_n, axis=1), level, validate=True)
+
+
+def _parabola(u: np.ndarray, y: np.ndarray, counts: np.ndarray) -> tuple[float, float, float] | None:
+    """(u at the minimum, err there, curvature) of err = c0 + c1 u + c2 u^2 by least
+    squares, runs weighted by `counts`; None if the drawn runs take fewer than 3
+    sizes or curve down (no minimum)."""
+    if len(np.unique(u[counts > 0])) < 3:
+        return None
+    centre = u.mean()  # centred: at u = ln 1e9 = 20.7, the raw powers would be ill-conditioned
+    c2, c1, c0 = np.polyfit(u - centre, y, 2, w=np.sqrt(counts))
+    if c2 <= 0:
+        return None
+    return centre - c1 / (2 * c2), c0 - c1**2 / (4 * c2), c2
+
+
+def _size_frontier(curves: list[IsoFLOPCurve], log_n: np.ndarray, level: float, validate: bool) -> IsoFLOPFit:
+    """ln N_opt = ln k + a ln C through the curves' minima; log_n (1 + resamples,
+    budgets) holds the minima of the full data first, then of each resample."""
+    log_c = np.log([curve.budget for curve in curves])
+    xc = log_c - log_c.mean()
+    a = (log_n - log_n.mean(axis=1, keepdims=True)) @ xc / (xc @ xc)
+    k = np.exp(log_n.mean(axis=1) - a * log_c.mean())
+    samples = np.stack([k[1:], a[1:]], axis=1)
+    intervals = {name: (float(lo), float(hi)) for name, lo, hi in zip("ka", *_quantiles(samples, level))}
+    validation = None
+    if validate and len(curves) >= 3:
+        law = _size_frontier(curves[:-1], log_n[:, :-1], level, validate=False)
+        predicted = np.log(law.k) + law.a * log_c[-1]
+        # Each refit's line at the largest budget, plus the scatter of that budget's
+        # own minimum: its resamples about it.
+        bands = np.log(law.samples[:, 0]) + law.samples[:, 1] * log_c[-1] + log_n[1:, -1] - log_n[0, -1]
+        low, high = _quantiles(np.exp(bands), level)
+        measured = float(np.exp(log_n[0, -1]))
+        validation = Validation(
+            curves[-1].budget, float(np.exp(predicted)), float(low), float(high), (measured,),
+            abs(measured - float(np.exp(predicted))), level, law,
+        )  # fmt: skip
+    return IsoFLOPFit(curves, float(k[0]), float(a[0]), intervals, level, validation, samples)
+
+
+def _groups(values: np.ndarray, rel_tol: float) -> list[np.ndarray]:
+    """Indices of `values` in groups, smallest first, each within `rel_tol` of its smallest member."""
+    order = np.argsort(values, kind="stable")
+    groups, start = [], 0
+    while start < len(order):
+        stop = start
+        while stop < len(order) and values[order[stop]] <= values[order[start]] * (1 + rel_tol):
+            stop += 1
+        groups.append(order[start:stop])
+        start = stop
+    return groups
+
+
 # --- width versus depth ------------------------------------------------------------------
 
 
@@ -594,14 +772,7 @@ def compare_shapes(width, depth, params, err, *, rel_tol: float = 0.05) -> list[
     if not (np.isfinite(n).all() and np.isfinite(y).all()):
         raise ValueError("params and err must be finite; drop runs with NaN metrics")
     comparisons = []
-    order = np.argsort(n, kind="stable")
-    start = 0
-    while start < len(order):
-        stop = start
-        while stop < len(order) and n[order[stop]] <= n[order[start]] * (1 + rel_tol):
-            stop += 1
-        group = order[start:stop]
-        start = stop
+    for group in _groups(n, rel_tol):
         shapes = []
         for wd in sorted({(int(w[i]), int(d[i])) for i in group}):
             runs = [i for i in group if (w[i], d[i]) == wd]
