@@ -7,12 +7,12 @@
     N_opt(C)  = k C^a                          fit_isoflop: Chinchilla's approach 2, runs at fixed FLOP budgets;
                                                compute_frontier: approach 3, the joint law minimised at fixed C
 
-Every law may take link="logit" for errors bounded by 1: the odds
-err / (1 - err) follow the right-hand side instead of err. For small err the
-odds are err (err 0.1: odds 0.111), so the form is the power law where that
-one holds; near 1 err = odds / (1 + odds) stays below 1, which E + A N^-alpha
-passes (1 - CRA at eps = 1 of a small model sits at 0.9-1.0). E and A are
-odds then, and err -> E / (1 + E) as N grows.
+fit_power_law, fit_joint and fit_shared_exponent take link="logit" for errors
+bounded by 1: the odds err / (1 - err) follow the right-hand side instead of
+err. For small err the odds are err (err 0.1: odds 0.111), so the form is the
+power law where that one holds; near 1 err = odds / (1 + odds) stays below 1,
+which E + A N^-alpha passes (1 - CRA at eps = 1 of a small model sits at
+0.9-1.0). E and A are odds then, and err -> E / (1 + E) as N grows.
 
 Fitted as Epoch AI refitted Chinchilla (arXiv 2404.10102), because the
 original fit had not converged and its intervals were far too narrow: the
