@@ -294,8 +294,9 @@ def _format_law(law: Law, sizes: dict[str, int]) -> list[str]:
         ),
         *(_parameter(name, value, fit) for name, value in fit.params.items()),
     ]
-    if fit.holdout_error is not None:
-        lines.append(f"    largest {x} held out: mean |err - fit| = {fit.holdout_error:.4g}")
+    if fit.validation is not None:
+        lines.append(f"    largest {x} held out: mean |err - fit| = {fit.validation.mean_abs_error:.4g}")
+        lines.append(f"    {fit.validation.verdict}")
     if law.axis == "N":
         for target, p in zip(sizes, fit.extrapolate(list(sizes.values()))):
             lines.append(
@@ -352,7 +353,7 @@ def scaling_panels(trials: Trials, laws: list[Law], axis: str, sizes: dict[str, 
 
 
 def _curve(fit: PowerLawFit, x: np.ndarray, name: str, style: str, color: str) -> list[plots.Series]:
-    predictions = fit.extrapolate(x)
+    predictions = fit.interval(x)
     return [plots.Series(name, x, [p.err for p in predictions], style=style, color=color,
                          low=[p.low for p in predictions], high=[p.high for p in predictions])]  # fmt: skip
 
