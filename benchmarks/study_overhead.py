@@ -38,8 +38,9 @@ import optuna
 import yaml
 
 from lipnext.data import open_dataset
+from lipnext.metrics import EVAL_SAMPLES_PER_S, TRAIN_LOSS, TRAIN_SAMPLES_PER_S
+from lipscale.keys import RUN_ATTR
 from lipscale.spec import load_spec, parse_spec
-from lipscale.tracking import RUN_ATTR
 
 REPO = Path(__file__).parents[1]
 SCRIPT = REPO / "studies" / "scaling_law.py"
@@ -63,11 +64,7 @@ def trial_times(spec, trial, client, manifest) -> dict:
     def history(key: str) -> dict:
         return {m.step: m for m in client.get_metric_history(run_id, key)}
 
-    loss, rate, eval_rate = (
-        history("train/loss"),
-        history("perf/train_samples_per_s"),
-        history("perf/eval_samples_per_s"),
-    )
+    loss, rate, eval_rate = history(TRAIN_LOSS), history(TRAIN_SAMPLES_PER_S), history(EVAL_SAMPLES_PER_S)
     ranks, batch = spec.budget.workers_per_trial, spec.train_config(trial.params).data.batch_size
     samples = (manifest.count("train") // ranks) // (batch // ranks) * batch  # per epoch: the loader drops the last
     train = {epoch: samples / m.value for epoch, m in rate.items()}

@@ -1,8 +1,10 @@
 """Study specs: what a valid one gives each trial, and the bad ones that
 `lipscale run` refuses before it creates anything, naming the field."""
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 import optuna
 import pytest
@@ -10,8 +12,10 @@ import yaml
 from servers import free_port
 
 from lipscale import cli
-from lipscale.spec import json_schema, load_spec, parse_spec, redact
+from lipscale.space import scalar, searchable
+from lipscale.spec import json_schema, load_spec, parse_spec
 from lipscale.tracking import Tracking
+from lipscale.uris import redact
 
 SPECS = Path(__file__).parents[1] / "studies" / "specs"
 
@@ -157,6 +161,25 @@ def test_a_file_that_is_not_a_mapping_is_refused(tmp_path, capsys):
     (tmp_path / "spec.yaml").write_text("- just\n- a list\n")
     assert cli.main(["run", str(tmp_path / "spec.yaml")]) == 2
     assert "a spec is a mapping" in capsys.readouterr().err
+
+
+def test_a_field_of_literal_values_is_searched_among_them():
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        mode: Literal["a", "b"] = "a"
+        """How it runs."""
+        maybe: Literal[1, 2] | None = None
+        pair: tuple[int, int] = (1, 2)
+
+    assert searchable({"x": Section}) == {"x.mode": Literal["a", "b"], "x.maybe": Literal[1, 2] | None}
+    assert (scalar(Literal["a", "b"]), scalar(Literal[1, 2] | None), scalar(tuple[int, int])) == (str, int, None)
+
+
+def test_the_schema_describes_each_field_with_its_dataclass_docstring():
+    defs = json_schema()["$defs"]
+    width = "Channels C of every block; the block weights are 2 * depth * width**2."
+    assert defs["Space"]["properties"]["model.width"]["description"] == width
+    assert defs["ModelOverrides"]["properties"]["width"]["description"] == width
 
 
 def test_redact_hides_the_password_of_every_url_and_nothing_else():
