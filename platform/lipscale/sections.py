@@ -1,24 +1,38 @@
 """The sections of a study spec (lipscale.spec): storage, dataset, space, fixed,
 budget, scheduler, objective, each a pydantic model that refuses unknown keys.
 
-The space's parameters and the model's overrides take their types from the
-trial config's dataclasses (lipnext.config, lipnext.train_config), and their
-descriptions from the dataclasses' attribute docstrings, read by pydantic.
+`fixed` is a trial's TrainConfig (lipnext.train_config) less what the spec
+gives elsewhere: its fields, defaults, allowed values and checks are the
+dataclasses' own, and the schema's descriptions are their attribute
+docstrings, read by pydantic. The space's parameters and the model's
+overrides take their types and descriptions from the same dataclasses.
 """
 
+import dataclasses
 from typing import Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from lipnext.config import PRESETS, LipNeXtConfig
+from lipnext.config import PRESETS, LipNeXtConfig, preset
 from lipnext.metrics import CONTRACT
-from lipnext.train_config import CheckpointConfig, DataConfig, LossConfig, OptimConfig
+from lipnext.train_config import CheckpointConfig, TrainConfig
 from lipscale.space import SEARCHABLE, SECTIONS
 
 Metric = Literal[CONTRACT]  # type: ignore[valid-type]
 """What an objective or the scheduler may name: the metric contract (lipnext.metrics)."""
+ELSEWHERE = ("model", "epochs", "seed")
+"""TrainConfig fields that `fixed` leaves to the rest of the spec: the model as a preset with
+overrides, epochs in the budget, the seed at the top (it seeds the sampler too)."""
+STUDY_DEFAULTS = {"checkpoint": CheckpointConfig(keep=1)}
+"""Where a study's trial defaults differ from a lone run's: one checkpoint kept per trial (the
+latest, which a resumed trial restarts from; Ray deletes the older ones)."""
 RUNNER_OWNED = {"fixed": {"data": {"uri"}, "checkpoint": {"dir"}}}
 """Fields of the fixed settings that the runner sets: the data from `dataset`, checkpoints under the root."""
+SECTION_NOTES = {
+    "data": "Batch (global, split over the workers) and augmentation; the URI comes from `dataset`.",
+    "checkpoint": "Period and number kept (Ray's num_to_keep); checkpoints go to the study root.",
+}
+"""What the schema says of the sections whose runner-owned fields the spec leaves out."""
 
 
 class Strict(BaseModel):
@@ -91,28 +105,47 @@ Space = _space_model()
 ModelOverrides = _model_overrides()
 
 
-class Fixed(Strict):
-    """Settings every trial shares; the space's parameters are applied on top."""
+class _FixedChecks(Strict):
+    """What Fixed checks besides its fields' own types and dataclass checks."""
 
-    model: ModelOverrides
-    optim: OptimConfig = OptimConfig()
-    loss: LossConfig = LossConfig()
-    data: DataConfig = DataConfig()
-    """Batch (global, split over the workers) and augmentation; the URI comes from `dataset`."""
-    checkpoint: CheckpointConfig = CheckpointConfig(keep=1)
-    """Period and number kept (Ray's num_to_keep); checkpoints go to the study root."""
-    eval_every_epochs: int = Field(1, ge=1)
-    """Evaluate certified accuracy every k epochs, and always after the last."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    @field_validator("data", "checkpoint", mode="before")
+    @field_validator("data", "checkpoint", mode="before", check_fields=False)
     @classmethod
     def _runner_owns(cls, value, info):
         (owned,) = RUNNER_OWNED["fixed"][info.field_name]
         if isinstance(value, dict) and owned in value:
             raise ValueError(f"{owned} is set by the runner (data: `dataset`; checkpoints: the study root)")
         return value
+
+    @model_validator(mode="after")
+    def _trial_checks(self):
+        # TrainConfig's own checks of its top-level fields (eval_every_epochs, precision, ...),
+        # on the preset's shape: the overrides are checked with every shape the space gives.
+        kept = {name: getattr(self, name) for name in type(self).model_fields if name != "model"}
+        TrainConfig(model=preset(self.model.preset), **kept)
+        return self
+
+
+def _fixed_model() -> type[BaseModel]:
+    """TrainConfig's fields less ELSEWHERE, with their types, defaults and descriptions; the
+    model as a preset with overrides."""
+    hints, docs = get_type_hints(TrainConfig), field_docs(TrainConfig)
+    fields = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ELSEWHERE:
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        default = STUDY_DEFAULTS.get(f.name, default)
+        fields[f.name] = (hints[f.name], Field(default, description=SECTION_NOTES.get(f.name, docs.get(f.name))))
+    return create_model(
+        "Fixed",
+        __base__=_FixedChecks,
+        __doc__="Settings every trial shares; the space's parameters are applied on top.",
+        model=(ModelOverrides, ...),
+        **fields,
+    )
+
+
+Fixed = _fixed_model()
 
 
 class Budget(Strict):

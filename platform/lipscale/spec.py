@@ -10,8 +10,9 @@ with which budget and where everything is kept.
     budget: {trials: 8, max_concurrent: 2, epochs: 30}
     objective: {metric: eval/cra_36, direction: maximize}
 
-Each section is a model of lipscale.sections; the space's parameters are
-fields of the trial's TrainConfig (lipscale.space). `load_spec` validates everything that can be
+Each section is a model of lipscale.sections; `fixed` is a trial's
+TrainConfig less what the rest of the spec gives, the space's parameters are
+fields of it (lipscale.space). `load_spec` validates everything that can be
 checked without touching a resource (types, unknown keys, every model shape
 the space can produce, the planner's memory estimate of the largest trial);
 then lipscale.preflight checks that the stores and the data answer, creating
