@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from servers import _wait_until_answering, free_port
 
-from lipnext.metrics import ACCURACIES, FLOPS_PER_SAMPLE
+from lipnext.metrics import ACCURACIES, FLOPS_PER_SAMPLE, TRAIN_SAMPLES
 from lipscale.cli import main
 from lipscale.keys import PARENT_ATTR
 from lipscale.report import figures, laws, plots, rows
@@ -155,7 +155,7 @@ def test_compute_is_flops_per_sample_times_the_samples_each_trial_trained_on(stu
     trials = rows.load_trials(load_spec(study))
     steps_per_epoch = 1500 // BATCH  # digits: 1500 training images, the last partial batch dropped
     f = trials.frame
-    assert list(f["samples"]) == [EPOCHS * steps_per_epoch * BATCH] * len(SHAPES)
+    assert list(f[TRAIN_SAMPLES]) == [EPOCHS * steps_per_epoch * BATCH] * len(SHAPES)
     np.testing.assert_allclose(f[rows.COMPUTE], f[FLOPS_PER_SAMPLE] * EPOCHS * steps_per_epoch * BATCH)
     assert list(f["model"]) == [f"L{d}W{w}" for w, d in SHAPES]
 
@@ -171,6 +171,15 @@ def test_without_results_parquet_the_fits_come_from_the_mlflow_child_runs_unchan
     assert f"from {root}/results.parquet" in from_table.splitlines()[0]
     assert "from MLflow child runs of run" in from_mlflow.splitlines()[0]
     assert from_table.splitlines()[1:] == from_mlflow.splitlines()[1:]
+
+
+def test_compute_is_nan_for_a_trial_that_did_not_report_its_samples(tmp_path):
+    spec = load_spec(_write_spec(tmp_path / "root"))
+    frame = pd.DataFrame({"trial": [0, 1], "model.width": [16, 32], "model.depth": [1, 2],
+                          FLOPS_PER_SAMPLE: [10.0, 20.0], TRAIN_SAMPLES: [100, np.nan]})  # fmt: skip
+    f = rows.with_derived(spec, frame)
+    assert list(f["model"]) == ["L1W16", "L2W32"]
+    assert f.at[0, rows.COMPUTE] == 1000.0 and np.isnan(f.at[1, rows.COMPUTE])
 
 
 def test_a_study_that_never_ran_is_an_error_naming_it(tmp_path, capsys):

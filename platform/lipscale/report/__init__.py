@@ -22,12 +22,10 @@ and 1 - eval/clean_acc:
   that of less training, not of its size; at a common epoch all trials have
   trained alike (on the same schedule, which is not over for any but the last);
 - against C = training compute, with each trial's final errors (compute counts
-  how long it trained): C = model/flops_per_sample x samples seen, samples
-  seen = epochs trained x steps per epoch x global batch, with steps per
-  epoch = (train samples // ranks) // (batch // ranks) as lipnext.train's
-  drop_last loader takes them. model/flops_per_sample counts forward and
-  backward matrix products (FlopCounterMode), not the optimizer's update,
-  nor evaluation.
+  how long it trained): C = model/flops_per_sample x train/samples, the samples
+  the trial's training loop saw over all its ranks, as it reports them.
+  model/flops_per_sample counts forward and backward matrix products
+  (FlopCounterMode), not the optimizer's update, nor evaluation.
 
 Other searched settings (beta, shift pattern, learning rate, ...) vary between
 trials and count as noise around each law. A metric that cannot be fitted

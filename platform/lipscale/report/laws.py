@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lipnext import param_counts, preset
-from lipnext.metrics import ACCURACIES, FLOPS_PER_SAMPLE, PARAMS
+from lipnext.metrics import ACCURACIES, FLOPS_PER_SAMPLE, PARAMS, TRAIN_SAMPLES
 from lipscale.report.rows import AT_COMMON_EPOCH, COMPUTE, TRAINED, Trials, column
 from lipscale.scaling import PowerLawFit, fit_power_law
 from lipscale.spec import Spec
@@ -84,7 +84,7 @@ def format_fits(spec: Spec, trials: Trials, laws: list[Law], sizes: dict[str, in
         f"study {spec.name}: {len(f)} finished trials ({states}), from {trials.source}",
         "fitted: COMPLETE and PRUNED trials",
         f"N = {PARAMS}, every parameter (stem, blocks, head); errors at the last epoch all were evaluated at: {at}",
-        f"C = {FLOPS_PER_SAMPLE} x samples seen (epochs x steps per epoch x batch); final errors",
+        f"C = {FLOPS_PER_SAMPLE} x {TRAIN_SAMPLES} (samples seen in training, all ranks); final errors",
     ]
     if np.isfinite(n).any():
         lines += ["", *textwrap.wrap(_extrapolation_warning(spec, np.nanmax(n), sizes), 100)]

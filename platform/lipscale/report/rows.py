@@ -10,8 +10,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from lipnext.data import open_dataset
-from lipnext.metrics import ACCURACIES, CLEAN_ACC, EPOCH, FLOPS_PER_SAMPLE, TRAIN_LOSS
+from lipnext.metrics import ACCURACIES, CLEAN_ACC, EPOCH, FLOPS_PER_SAMPLE, TRAIN_LOSS, TRAIN_SAMPLES
 from lipscale import results, uris
 from lipscale.keys import PARENT_ATTR, RUN_ATTR, STATE_TAG, TRIAL_TAG
 from lipscale.spec import Spec
@@ -22,7 +21,7 @@ TRAINED = ("COMPLETE", "PRUNED")
 AT_COMMON_EPOCH = "@common"
 """Suffix of the accuracy columns at the common epoch (Trials.common_epoch)."""
 COMPUTE = "compute"
-"""Column of a trial's training FLOPs: model/flops_per_sample x samples seen."""
+"""Column of a trial's training FLOPs: model/flops_per_sample x train/samples."""
 
 
 class ReportError(RuntimeError):
@@ -33,7 +32,8 @@ class ReportError(RuntimeError):
 class Trials:
     frame: pd.DataFrame
     """One row per finished trial, by trial number: searched params, final metrics,
-    and the derived columns model (LxWy), batch, samples (seen in training) and compute."""
+    and the derived columns model (LxWy) and compute (NaN where a trial did not
+    report train/samples: studies run before the loop reported it)."""
     params: list[str]
     """The searched parameters' columns."""
     common_epoch: int | None
@@ -90,24 +90,12 @@ def _literal(text: str):
 
 
 def with_derived(spec: Spec, frame: pd.DataFrame) -> pd.DataFrame:
-    """`frame` with the columns model (LxWy), batch (from each trial's config), samples and compute."""
-    train_samples = _train_samples(spec)
-    ranks = spec.budget.workers_per_trial
+    """`frame` with the columns model (LxWy, from each trial's config) and compute."""
     searched = frame[[p for p in spec.params if p in frame]].to_dict("records")  # Python scalars, not numpy's
-    configs = [spec.train_config(params) for params in searched]
-    frame["model"] = [f"L{c.model.depth}W{c.model.width}" for c in configs]
-    frame["batch"] = [c.data.batch_size for c in configs]
-    steps_per_epoch = (train_samples // ranks) // (frame["batch"] // ranks)
-    frame["samples"] = column(frame, EPOCH) * steps_per_epoch * frame["batch"]
-    frame[COMPUTE] = column(frame, FLOPS_PER_SAMPLE) * frame["samples"]
+    models = [spec.train_config(params).model for params in searched]
+    frame["model"] = [f"L{m.depth}W{m.width}" for m in models]
+    frame[COMPUTE] = column(frame, FLOPS_PER_SAMPLE) * column(frame, TRAIN_SAMPLES)
     return frame
-
-
-def _train_samples(spec: Spec) -> int:
-    try:
-        return open_dataset(spec.data_uri).manifest.count("train")
-    except OSError as e:
-        raise ReportError(f"cannot count the training samples (for compute) at {spec.data_uri}: {e}") from None
 
 
 def _add_common_epoch(spec: Spec, frame: pd.DataFrame) -> int | None:
