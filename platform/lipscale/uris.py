@@ -51,8 +51,10 @@ def with_protocol(path: str, like: str) -> str:
 
 
 def scheme(url: str) -> str:
-    """A store URL's scheme without its driver: 'postgresql+psycopg://...' -> 'postgresql'."""
-    return urllib.parse.urlsplit(url).scheme.partition("+")[0]
+    """A store URL's scheme without its driver: 'postgresql+psycopg://...' -> 'postgresql'; a bare
+    'databricks' is MLflow's tracking URI of the default profile's workspace."""
+    found = urllib.parse.urlsplit(url).scheme.partition("+")[0]
+    return found or ("databricks" if url == "databricks" else "")
 
 
 def sqlite_path(url: str) -> Path | None:
