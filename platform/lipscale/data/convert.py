@@ -30,9 +30,9 @@ from sklearn.datasets import load_digits
 
 from lipnext.data import DataError
 from lipscale.data.catalog import CIFAR, CLASS_FOLDERS, CONVERTERS, SHARD_SIZE
-from lipscale.data.parts import Part, Plan, content_key
+from lipscale.data.parts import Part, Plan
 from lipscale.data.shapes import ShapesConfig, shapes_plan
-from lipscale.data.shards import write_dataset
+from lipscale.data.shards import content_key, write_dataset
 
 log = logging.getLogger(__name__)
 

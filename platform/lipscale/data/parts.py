@@ -1,9 +1,9 @@
 """What a converter hands the shard writer (lipscale.data.shards): a Plan of Parts,
 each a shard's worth of images and labels, loaded only when it is written. Plain
-data (numpy only), so the converters' declarations import nothing heavy.
+dataclasses, so the `shapes` generator's config (which the command line declares
+its options from) imports nothing heavy.
 """
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,11 +32,3 @@ class Plan:
     classes: tuple[str, ...]
     encoding: str
     splits: dict[str, list[Part]]
-
-
-def content_key(*arrays: np.ndarray) -> str:
-    """A key for data already in memory: the hash of its bytes."""
-    digest = hashlib.sha256()
-    for a in arrays:
-        digest.update(np.ascontiguousarray(a).tobytes())
-    return digest.hexdigest()

@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 _METADATA = b"lipscale"
 
 
+def content_key(*arrays: np.ndarray) -> str:
+    """A key for data already in memory: the hash of its bytes."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()
+
+
 def write_dataset(plan: Plan, dest: str, workers: int = 1, **storage_options) -> Manifest:
     """Writes (or completes) the dataset of `plan` at `dest`; returns its manifest."""
     if plan.encoding not in ENCODINGS:
