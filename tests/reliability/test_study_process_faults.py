@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import sqlalchemy
 import yaml
 from ledger import study_ledger
 from lipscale import results, uris
@@ -26,13 +27,19 @@ SCRIPT = REPO / "studies" / "scaling_law.py"
 
 
 def _complete(spec) -> int:
+    """The study's COMPLETE trials so far, read creating nothing: a storage opened the usual way
+    creates the tables, and one made while the driver creates them stops one of the two with
+    "table ... already exists"."""
     if not uris.sqlite_path(spec.optuna_url).exists():
         return 0
-    storage = optuna.storages.RDBStorage(spec.optuna_url)
-    if spec.name not in optuna.get_all_study_names(storage):
+    storage = optuna.storages.RDBStorage(spec.optuna_url, skip_table_creation=True, skip_compatibility_check=True)
+    try:
+        if spec.name not in optuna.get_all_study_names(storage):
+            return 0
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+        return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    except sqlalchemy.exc.OperationalError:  # the driver has not created the tables yet
         return 0
-    study = optuna.load_study(study_name=spec.name, storage=storage)
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
 def _snapshot(spec) -> dict:
