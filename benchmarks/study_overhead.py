@@ -38,8 +38,9 @@ import optuna
 import yaml
 
 from lipnext.data import open_dataset
+from lipnext.metrics import EVAL_SAMPLES_PER_S, TRAIN_LOSS, TRAIN_SAMPLES, TRAIN_SAMPLES_PER_S
+from lipscale.keys import RUN_ATTR
 from lipscale.spec import load_spec, parse_spec
-from lipscale.tracking import RUN_ATTR
 
 REPO = Path(__file__).parents[1]
 SCRIPT = REPO / "studies" / "scaling_law.py"
@@ -56,21 +57,19 @@ def run_study(spec_path: Path, root: Path) -> tuple[float, float]:
     return start, time.time()
 
 
-def trial_times(spec, trial, client, manifest) -> dict:
+def trial_times(trial, client, manifest) -> dict:
     """One trial's seconds: its span, training steps, evaluation and start-up."""
     run_id = trial.user_attrs[RUN_ATTR]
 
     def history(key: str) -> dict:
         return {m.step: m for m in client.get_metric_history(run_id, key)}
 
-    loss, rate, eval_rate = (
-        history("train/loss"),
-        history("perf/train_samples_per_s"),
-        history("perf/eval_samples_per_s"),
+    loss, rate, eval_rate, seen = (
+        history(TRAIN_LOSS), history(TRAIN_SAMPLES_PER_S), history(EVAL_SAMPLES_PER_S), history(TRAIN_SAMPLES)
     )
-    ranks, batch = spec.budget.workers_per_trial, spec.train_config(trial.params).data.batch_size
-    samples = (manifest.count("train") // ranks) // (batch // ranks) * batch  # per epoch: the loader drops the last
-    train = {epoch: samples / m.value for epoch, m in rate.items()}
+    epochs = sorted(rate)
+    # Samples of each epoch: the growth of the loop's own count of samples seen (all ranks).
+    train = {e: (seen[e].value - (seen[p].value if p else 0)) / rate[e].value for p, e in zip([0, *epochs], epochs)}
     evaluate = {epoch: manifest.count("test") / m.value for epoch, m in eval_rate.items()}
     asked, ended = trial.datetime_start.timestamp(), trial.datetime_complete.timestamp()
     first = min(train)
@@ -88,7 +87,7 @@ def analyse(spec, began: float, ended: float) -> dict:
     client = mlflow.MlflowClient(spec.mlflow_uri)
     manifest = open_dataset(spec.data_uri).manifest
     trials = sorted(
-        (trial_times(spec, t, client, manifest) for t in study.trials if t.state.is_finished()),
+        (trial_times(t, client, manifest) for t in study.trials if t.state.is_finished()),
         key=lambda t: t["start"],
     )
     concurrent, wall = spec.budget.max_concurrent, ended - began

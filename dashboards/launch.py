@@ -14,8 +14,8 @@ import os
 import shutil
 import sys
 
-from lipscale.spec import SpecError, load_spec, redact
-from lipscale.tracking import SERVERS
+from lipscale import uris
+from lipscale.spec import SpecError, load_spec
 
 HOST = "127.0.0.1"
 """Local only: neither server authenticates anyone. Reach a remote one through an SSH tunnel."""
@@ -41,15 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.tool == "mlflow" and spec.mlflow_uri.split(":", 1)[0] in SERVERS:
-        print(f"study {spec.name}: its MLflow server serves the UI: {redact(spec.mlflow_uri)}")
+    if args.tool == "mlflow" and uris.is_server(spec.mlflow_uri):
+        print(f"study {spec.name}: its MLflow server serves the UI: {uris.redact(spec.mlflow_uri)}")
         return 0
     default_port, command = TOOLS[args.tool]
     argv = command(spec, args.port or default_port)
     if shutil.which(argv[0]) is None:
         print(f"error: {argv[0]} is not installed: pip install -e '.[dashboards]'", file=sys.stderr)
         return 2
-    print(f"study {spec.name}: http://{HOST}:{args.port or default_port}  ({redact(' '.join(argv))})", flush=True)
+    print(f"study {spec.name}: http://{HOST}:{args.port or default_port}  ({uris.redact(' '.join(argv))})", flush=True)
     os.execvp(argv[0], argv)  # the server replaces this process: Ctrl-C stops it
 
 

@@ -1,6 +1,6 @@
 """A study's report: its scaling-law fits printed, plots written as PNG and one
 self-contained HTML page, all logged to the study's MLflow parent run. The same
-as `lipscale report` (lipscale/report.py has the details).
+as `lipscale report` (lipscale/report/ has the details).
 
     python dashboards/report.py studies/specs/digits.yaml      # files under runs/digits/report/
     python dashboards/report.py studies/specs/digits.yaml --out /tmp/report --resamples 1000

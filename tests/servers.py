@@ -7,7 +7,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -18,11 +17,7 @@ import urllib.request
 import pytest
 import s3fs
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lipscale.ports import free_port
 
 
 def _wait_until_answering(url: str, process: subprocess.Popen, timeout_s: float = 30):

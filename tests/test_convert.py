@@ -18,8 +18,9 @@ from PIL import Image
 from lipnext.data import DataError, ShardLoader, open_dataset
 from lipscale.cli import main
 from lipscale.data.convert import convert, plan
+from lipscale.data.parts import Part
 from lipscale.data.shapes import ShapesConfig, shapes_plan
-from lipscale.data.shards import Part, write_dataset
+from lipscale.data.shards import write_dataset
 
 
 def read_split(uri: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:

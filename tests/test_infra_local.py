@@ -23,9 +23,10 @@ import pytest
 import s3fs
 import yaml
 
+from lipnext.metrics import CONTRACT
 from lipscale import cli
-from lipscale.spec import METRICS, redact
-from lipscale.tracking import PARENT_ATTR, RUN_ATTR
+from lipscale.keys import CHECKPOINT_ATTR, PARENT_ATTR, RUN_ATTR
+from lipscale.uris import redact
 
 pytestmark = pytest.mark.slow
 
@@ -189,7 +190,7 @@ def test_the_study_job_logs_its_runs_and_metrics_to_the_mlflow_server(stack, stu
     for name in ("trial-0000", "trial-0001"):
         data = runs[name]["data"]
         assert {t["key"]: t["value"] for t in data["tags"]}["mlflow.parentRunId"] == parent
-        assert set(METRICS) <= {m["key"] for m in data["metrics"]}
+        assert set(CONTRACT) <= {m["key"] for m in data["metrics"]}
         assert runs[name]["info"]["status"] == "FINISHED"
 
 
@@ -210,7 +211,7 @@ def test_checkpoints_artifacts_and_results_parquet_are_in_s3(stack, study_job, m
     study = optuna.load_study(study_name=STUDY, storage=optuna.storages.RDBStorage(stack.uris["optuna"]))
     fs = s3(stack)
     for t in study.trials:
-        assert fs.exists(t.user_attrs["checkpoint_uri"].removeprefix("s3://") + "/.metadata")
+        assert fs.exists(t.user_attrs[CHECKPOINT_ATTR] + "/.metadata")
     with fs.open(f"lipscale/studies/{STUDY}/results.parquet") as f:
         rows = pq.read_table(f).to_pylist()
     assert sorted((r["trial"], r["state"], r[RUN_ATTR]) for r in rows) == [

@@ -28,10 +28,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from servers import _wait_until_answering, free_port
 
-from lipscale import plots, report
+from lipnext.metrics import ACCURACIES, FLOPS_PER_SAMPLE, TRAIN_SAMPLES
 from lipscale.cli import main
+from lipscale.keys import PARENT_ATTR
+from lipscale.report import figures, laws, plots, rows
 from lipscale.spec import load_spec
-from lipscale.study import open_study, run
+from lipscale.store import open_store
+from lipscale.study import run
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(16, 1), (32, 1), (32, 2), (64, 2)]
@@ -62,7 +65,7 @@ def study(tmp_path_factory) -> Path:
     path = _write_spec(tmp_path_factory.mktemp("study") / "root")
     spec = load_spec(path)
     Path(spec.root).mkdir()
-    study = open_study(spec, create=True)
+    study = open_store(spec, create=True).study
     for width, depth in SHAPES:
         study.enqueue_trial({"model.width": width, "model.depth": depth})
     try:
@@ -121,7 +124,7 @@ def test_report_is_png_and_html_logged_to_the_studys_mlflow_parent_run(study, re
     assert page.count("Plotly.newPlot") == 4  # scaling in N and in C, CRA against eps, Pareto
 
     spec = load_spec(study)
-    parent = optuna.load_study(study_name=spec.name, storage=spec.optuna_url).user_attrs["mlflow_parent_run_id"]
+    parent = optuna.load_study(study_name=spec.name, storage=spec.optuna_url).user_attrs[PARENT_ATTR]
     logged = [a.path for a in MlflowClient(spec.mlflow_uri).list_artifacts(parent, "report")]
     assert sorted(logged) == [f"report/{name}" for name in written]
 
@@ -149,11 +152,11 @@ def test_the_html_report_renders_offline_in_headless_chromium(reported, tmp_path
 
 @pytest.mark.slow
 def test_compute_is_flops_per_sample_times_the_samples_each_trial_trained_on(study):
-    trials = report.load_trials(load_spec(study))
+    trials = rows.load_trials(load_spec(study))
     steps_per_epoch = 1500 // BATCH  # digits: 1500 training images, the last partial batch dropped
     f = trials.frame
-    assert list(f["samples"]) == [EPOCHS * steps_per_epoch * BATCH] * len(SHAPES)
-    np.testing.assert_allclose(f["compute"], f["model/flops_per_sample"] * EPOCHS * steps_per_epoch * BATCH)
+    assert list(f[TRAIN_SAMPLES]) == [EPOCHS * steps_per_epoch * BATCH] * len(SHAPES)
+    np.testing.assert_allclose(f[rows.COMPUTE], f[FLOPS_PER_SAMPLE] * EPOCHS * steps_per_epoch * BATCH)
     assert list(f["model"]) == [f"L{d}W{w}" for w, d in SHAPES]
 
 
@@ -170,6 +173,15 @@ def test_without_results_parquet_the_fits_come_from_the_mlflow_child_runs_unchan
     assert from_table.splitlines()[1:] == from_mlflow.splitlines()[1:]
 
 
+def test_compute_is_nan_for_a_trial_that_did_not_report_its_samples(tmp_path):
+    spec = load_spec(_write_spec(tmp_path / "root"))
+    frame = pd.DataFrame({"trial": [0, 1], "model.width": [16, 32], "model.depth": [1, 2],
+                          FLOPS_PER_SAMPLE: [10.0, 20.0], TRAIN_SAMPLES: [100, np.nan]})  # fmt: skip
+    f = rows.with_derived(spec, frame)
+    assert list(f["model"]) == ["L1W16", "L2W32"]
+    assert f.at[0, rows.COMPUTE] == 1000.0 and np.isnan(f.at[1, rows.COMPUTE])
+
+
 def test_a_study_that_never_ran_is_an_error_naming_it(tmp_path, capsys):
     spec = _write_spec(tmp_path / "root")
     assert main(["fit", str(spec)]) == 2
@@ -179,13 +191,13 @@ def test_a_study_that_never_ran_is_an_error_naming_it(tmp_path, capsys):
 # --- studies that cannot be fitted ---------------------------------------------------------
 
 
-def _trials(state: str = "COMPLETE", **columns) -> report.Trials:
+def _trials(state: str = "COMPLETE", **columns) -> rows.Trials:
     """Rows as load_trials gives them, made by hand: trials in `state` whose metrics,
     at the end and at the common epoch alike, are the given columns."""
     n = len(next(iter(columns.values())))
-    at_common = {k + report.AT_COMMON_EPOCH: v for k, v in columns.items() if k in report.ACCURACIES}
+    at_common = {k + rows.AT_COMMON_EPOCH: v for k, v in columns.items() if k in ACCURACIES}
     frame = pd.DataFrame({"trial": range(n), "state": state, "model": "L1W16", **columns, **at_common})
-    return report.Trials(frame, params=[], common_epoch=1, source="rows made by hand", parent_run="none")
+    return rows.Trials(frame, params=[], common_epoch=1, source="rows made by hand", parent_run="none")
 
 
 SIZES = [4640.0, 9168.0, 17440.0, 34000.0]
@@ -220,27 +232,27 @@ DEGENERATE = {
 def test_a_study_that_cannot_be_fitted_says_why_and_still_gets_its_report(case, tmp_path):
     trials, reason = DEGENERATE[case]
     spec = load_spec(_write_spec(tmp_path / "root"))
-    laws = report.fit_laws(trials, resamples=10)
-    text = report.format_fits(spec, trials, laws, report.targets())
+    fitted = laws.fit_laws(trials, resamples=10)
+    text = laws.format_fits(spec, trials, fitted, laws.targets())
     assert reason in text
-    files = report.write_report(spec, trials, laws, text, str(tmp_path / "report"))
+    files = figures.write_report(spec, trials, fitted, text, str(tmp_path / "report"))
     assert all(f.stat().st_size > 0 for f in files)
 
 
 def test_the_law_in_n_compares_trials_at_the_last_epoch_all_of_them_were_evaluated_at():
     # ASHA stopped two trials at epoch 3, one at 9; evaluations every 3 epochs, one at the end (10).
     evaluated = [{3: 0.5}, {3: 0.6}, {3: 0.6, 6: 0.7, 9: 0.8}, {3: 0.6, 6: 0.7, 9: 0.8, 10: 0.85}]
-    assert report.common_epoch(evaluated) == 3
-    assert report.common_epoch(evaluated[2:]) == 9
-    assert report.common_epoch([{2: 0.5}, {3: 0.6}]) is None  # no shared epoch: nothing to compare at
-    assert report.common_epoch([]) is None
+    assert rows.common_epoch(evaluated) == 3
+    assert rows.common_epoch(evaluated[2:]) == 9
+    assert rows.common_epoch([{2: 0.5}, {3: 0.6}]) is None  # no shared epoch: nothing to compare at
+    assert rows.common_epoch([]) is None
 
 
 def test_the_pareto_front_keeps_each_trial_that_no_cheaper_one_beats():
     cost = np.array([4.0, 1.0, 2.0, 3.0, 2.0])
     value = np.array([0.9, 0.2, 0.5, 0.4, 0.6])
     # 1.0 -> 0.2, then 2.0 -> 0.6 (not 0.5, at the same cost), 3.0 -> 0.4 is beaten, 4.0 -> 0.9.
-    assert list(report.pareto_front(cost, value)) == [1, 4, 0]
+    assert list(figures.pareto_front(cost, value)) == [1, 4, 0]
 
 
 # --- the dashboards ------------------------------------------------------------------------

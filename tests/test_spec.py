@@ -1,17 +1,23 @@
 """Study specs: what a valid one gives each trial, and the bad ones that
 `lipscale run` refuses before it creates anything, naming the field."""
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 import optuna
 import pytest
 import yaml
 from servers import free_port
 
+from lipnext.train_config import CheckpointConfig, LossConfig, OptimConfig, TrainConfig
 from lipscale import cli
-from lipscale.spec import json_schema, load_spec, parse_spec, redact
+from lipscale.sections import Fixed
+from lipscale.space import scalar, searchable
+from lipscale.spec import json_schema, load_spec, parse_spec
 from lipscale.tracking import Tracking
+from lipscale.uris import redact
 
 SPECS = Path(__file__).parents[1] / "studies" / "specs"
 
@@ -132,7 +138,17 @@ BAD = [
     ),
     ("missing data", "dataset", {"name": "cifar10", "uri": "{tmp}/cifar10"}, ["dataset.uri", "no converted dataset"]),
     ("data the model does not fit", "fixed.model.preset", "cifar-l8w256", ["fixed.model", "(1, 8, 8)"]),
-]
+    # the trial config's own checks (lipnext.train_config), named by the spec:
+    ("augmentation typo", "fixed.data.augment", "cropflip", ["fixed.data", "augment", "cropflip"]),
+    ("augmentation typo among the choices", "space.data.augment", [None, "cropflip"],
+     ["space.data.augment", "cropflip"]),
+    ("no prefetched batches", "fixed.data.prefetch", 0, ["fixed.data", "prefetch"]),
+    ("negative lookahead steps", "fixed.optim.lookahead_steps", -1, ["fixed.optim", "lookahead_steps"]),
+    ("negative re-projection period", "fixed.optim.reorthogonalize_every", -1,
+     ["fixed.optim", "reorthogonalize_every"]),
+    ("negative gradient clip", "fixed.optim.grad_clip", -1.0, ["fixed.optim", "grad_clip"]),
+    ("evaluation every 0 epochs", "fixed.eval_every_epochs", 0, ["fixed", "eval_every_epochs"]),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("what, path, value, words", BAD, ids=[b[0] for b in BAD])
@@ -157,6 +173,35 @@ def test_a_file_that_is_not_a_mapping_is_refused(tmp_path, capsys):
     (tmp_path / "spec.yaml").write_text("- just\n- a list\n")
     assert cli.main(["run", str(tmp_path / "spec.yaml")]) == 2
     assert "a spec is a mapping" in capsys.readouterr().err
+
+
+def test_fixed_is_the_trial_config_less_what_the_spec_gives_elsewhere(tmp_path):
+    trial_fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert list(Fixed.model_fields) == [name for name in trial_fields if name not in ("epochs", "seed")]
+    fixed = parse_spec(small(tmp_path)).fixed  # sets only the preset and the batch
+    assert fixed.optim == OptimConfig() and fixed.loss == LossConfig()
+    assert fixed.eval_every_epochs == TrainConfig.eval_every_epochs and fixed.precision == TrainConfig.precision
+    assert (fixed.checkpoint.keep, CheckpointConfig().keep) == (1, 2)  # a study keeps one checkpoint per trial
+
+
+def test_a_field_of_literal_values_is_searched_among_them():
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        mode: Literal["a", "b"] = "a"
+        """How it runs."""
+        maybe: Literal[1, 2] | None = None
+        pair: tuple[int, int] = (1, 2)
+
+    assert searchable({"x": Section}) == {"x.mode": Literal["a", "b"], "x.maybe": Literal[1, 2] | None}
+    assert (scalar(Literal["a", "b"]), scalar(Literal[1, 2] | None), scalar(tuple[int, int])) == (str, int, None)
+
+
+def test_the_schema_describes_each_field_with_its_dataclass_docstring():
+    defs = json_schema()["$defs"]
+    width = "Channels C of every block; the block weights are 2 * depth * width**2."
+    assert defs["Space"]["properties"]["model.width"]["description"] == width
+    assert defs["ModelOverrides"]["properties"]["width"]["description"] == width
+    assert defs["Fixed"]["properties"]["eval_every_epochs"]["description"].startswith("Evaluate on the test split")
 
 
 def test_redact_hides_the_password_of_every_url_and_nothing_else():

@@ -16,10 +16,18 @@ from test_spec import small
 from lipnext import LipNeXt
 from lipnext.certify import lipschitz_bound
 from lipnext.checkpoint import load_model
+from lipnext.metrics import CONTRACT
 from lipscale import cli, results
-from lipscale.spec import METRICS, SpecError, parse_spec
-from lipscale.study import StorageFull, StudySearch, distributions, open_study, run, storage_full
-from lipscale.tracking import PARENT_ATTR, RUN_ATTR, STATE_TAG, TRIAL_TAG, Tracking, flatten
+from lipscale.keys import (
+    BEST_TRIALS_TAG, CHECKPOINT_ATTR, METRICS_ATTR, PARENT_ATTR, REQUEUED_ATTR, RETRY_OF_ATTR, RUN_ATTR, STATE_TAG,
+    TRIAL_TAG,
+)  # fmt: skip
+from lipscale.search import StudySearch
+from lipscale.spec import SpecError, parse_spec
+from lipscale.store import distributions, open_store
+from lipscale.study import run
+from lipscale.tracking import Tracking, flatten
+from lipscale.trial import StorageFull, storage_full
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +89,7 @@ def test_every_contract_metric_is_logged_at_every_evaluated_epoch(finished):
     client = mlflow.MlflowClient(spec.mlflow_uri)
     for trial in study.trials:
         run_id = trial.user_attrs[RUN_ATTR]
-        for metric in METRICS:
+        for metric in CONTRACT:
             assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2], metric
         assert trial.values[0] == client.get_run(run_id).data.metrics["eval/cra_36"]
         assert any(k.startswith("system/") for k in client.get_run(run_id).data.metrics), "no system metrics"
@@ -95,14 +103,14 @@ def test_the_results_table_has_a_row_per_trial(finished):
         assert row["state"] == "COMPLETE" and row[RUN_ATTR] == trial.user_attrs[RUN_ATTR]
         assert {k: row[k] for k in trial.params} == trial.params
         assert row["objective/eval/cra_36"] == trial.values[0] == row["eval/cra_36"]
-        assert set(METRICS) <= set(row) and row["epoch"] == 2
-        assert row["checkpoint_uri"].startswith(f"{spec.root}/tune/trial-{trial.number:04d}/")
+        assert set(CONTRACT) <= set(row) and row["epoch"] == 2
+        assert row[CHECKPOINT_ATTR].startswith(f"{spec.root}/tune/trial-{trial.number:04d}/")
 
 
 def test_the_best_trials_final_checkpoint_is_an_artifact_of_its_run(finished, tmp_path):
     spec, study, _ = finished
     best = study.best_trial
-    assert _parent_tag(spec, study, "best_trials") == str(best.number)
+    assert _parent_tag(spec, study, BEST_TRIALS_TAG) == str(best.number)
     local = mlflow.artifacts.download_artifacts(
         run_id=best.user_attrs[RUN_ATTR],
         artifact_path="checkpoint",
@@ -112,7 +120,7 @@ def test_the_best_trials_final_checkpoint_is_an_artifact_of_its_run(finished, tm
     model = LipNeXt(spec.train_config(best.params).model)
     load_model(model, local)
     with torch.no_grad():
-        assert lipschitz_bound(model) == pytest.approx(best.user_attrs[results.METRICS_ATTR]["model/lipschitz_bound"])
+        assert lipschitz_bound(model) == pytest.approx(best.user_attrs[METRICS_ATTR]["model/lipschitz_bound"])
 
 
 def _parent_tag(spec, study, tag: str) -> str:
@@ -154,7 +162,7 @@ def test_resume_refuses_a_study_that_never_began(tmp_path):
 
 def test_a_trial_orphaned_by_a_dead_driver_is_rerun_with_its_params_and_run(local_ray, tmp_path):
     spec = parse_spec(small(tmp_path / "root"))
-    study = open_study(spec, create=True)
+    study = open_store(spec, create=True).study
     tracking = Tracking(spec)
     orphan = study.ask(distributions(spec))  # handed out, then the driver died
     run_id = tracking.child_run(tracking.parent_run(study, spec), orphan.number, spec.train_config(orphan.params))
@@ -164,9 +172,9 @@ def test_a_trial_orphaned_by_a_dead_driver_is_rerun_with_its_params_and_run(loca
 
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") == spec.budget.trials and states[0] == "FAIL"
-    retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == orphan.number)
+    retry = next(t for t in study.trials if t.user_attrs.get(RETRY_OF_ATTR) == orphan.number)
     assert retry.params == orphan.params and retry.user_attrs[RUN_ATTR] == run_id
-    assert study.trials[0].user_attrs[results.REQUEUED_ATTR] == retry.number
+    assert study.trials[0].user_attrs[REQUEUED_ATTR] == retry.number
     assert len(child_runs(spec, study.user_attrs[PARENT_ATTR])) == spec.budget.trials
     assert [row["trial"] for row in results.read(spec.root).to_pylist()] == [1, 2]
 
@@ -175,11 +183,9 @@ def test_a_trial_stopped_early_by_the_scheduler_is_pruned(tmp_path):
     raw = small(tmp_path / "root")
     raw["budget"]["epochs"] = 4
     spec = parse_spec(raw)
-    study = open_study(spec, create=True)
-    tracking = Tracking(spec)
-    search = StudySearch(
-        spec, optuna.storages.RDBStorage(spec.optuna_url), tracking, tracking.parent_run(study, spec), 0
-    )
+    store = open_store(spec, create=True)
+    study, tracking = store.study, Tracking(spec)
+    search = StudySearch(spec, store, tracking, tracking.parent_run(study, spec), 0)
     config = search.suggest("a")
     search.on_trial_complete("a", {"epoch": 2, "eval/cra_36": 0.5})
     assert study.trials[config["trial"]["number"]].state == optuna.trial.TrialState.PRUNED
@@ -196,7 +202,7 @@ def test_a_trial_of_two_workers_runs_as_a_ray_train_job(local_ray, tmp_path):
     spec = parse_spec(raw)
     (trial,) = run(spec).trials
     assert trial.state.name == "COMPLETE"
-    assert trial.user_attrs[results.CHECKPOINT_ATTR].startswith(f"{spec.root}/train/trial-0000/")
+    assert trial.user_attrs[CHECKPOINT_ATTR].startswith(f"{spec.root}/train/trial-0000/")
     history = mlflow.MlflowClient(spec.mlflow_uri).get_metric_history(trial.user_attrs[RUN_ATTR], "eval/cra_36")
     assert [m.step for m in history] == [1] and history[0].value == trial.value
 

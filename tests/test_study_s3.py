@@ -8,9 +8,9 @@ from servers import s3_server  # noqa: F401 - a fixture
 from test_spec import small
 
 from lipscale import results
+from lipscale.keys import CHECKPOINT_ATTR, RUN_ATTR
 from lipscale.spec import parse_spec
 from lipscale.study import run
-from lipscale.tracking import RUN_ATTR
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def test_a_study_rooted_on_s3(ray_with_s3, tmp_path):
     spec = parse_spec(raw)
     (trial,) = run(spec).trials
     assert trial.state.name == "COMPLETE"
-    assert trial.user_attrs[results.CHECKPOINT_ATTR].startswith("s3://lipscale/study/tune/trial-0000/checkpoint_")
+    assert trial.user_attrs[CHECKPOINT_ATTR].startswith("s3://lipscale/study/tune/trial-0000/checkpoint_")
     assert results.read(spec.root).to_pylist()[0][RUN_ATTR] == trial.user_attrs[RUN_ATTR]
     client = mlflow.MlflowClient(spec.mlflow_uri)
     assert client.get_experiment_by_name(spec.name).artifact_location == "s3://lipscale/study/mlartifacts"

@@ -34,7 +34,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,6 +42,8 @@ from base64 import b64encode
 from pathlib import Path
 
 import yaml
+
+from lipscale.ports import free_port
 
 HOST = "127.0.0.1"
 BUCKET = "lipscale"
@@ -60,12 +61,6 @@ SECRETS = ("ray_token", "pg_password", "mlflow_admin_password", "mlflow_password
 """The credentials `up` generates, each a file under DIR/secrets."""
 DEFAULT_DIR = "/tmp/lipscale-stack"
 """Short (Ray's socket paths are limited to ~100 bytes) and reachable by the postgres user."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _wait(what: str, check, process: subprocess.Popen, log: Path) -> None:
@@ -192,7 +187,7 @@ class Stack:
         return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_", "MLFLOW_"))}
 
     def _start_s3(self) -> None:
-        port = free_port()
+        port = free_port(HOST)
         endpoint = f"http://{HOST}:{port}"
         process = self._spawn("s3", [shutil.which("moto_server"), "-H", HOST, "-p", str(port)], self._base_env())
         _wait("moto_server", lambda: _answers(endpoint), process, self.logs / "s3.log")
@@ -215,7 +210,7 @@ class Stack:
 
     def _start_postgres(self) -> None:
         bindir = postgres_bindir()
-        port = free_port()
+        port = free_port(HOST)
         self.pgdata.mkdir(mode=0o700)
         if os.geteuid() == 0:
             owner = pwd.getpwnam("postgres")
@@ -248,7 +243,7 @@ class Stack:
         self.save()
 
     def _start_mlflow(self) -> None:
-        port = free_port()
+        port = free_port(HOST)
         url = f"http://{HOST}:{port}"
         ini = self.secrets / "mlflow_auth.ini"
         ini.write_text(
@@ -286,7 +281,7 @@ class Stack:
         urllib.request.urlopen(request, timeout=30)
 
     def _start_ray(self) -> None:
-        gcs, dashboard = free_port(), free_port()
+        gcs, dashboard = free_port(HOST), free_port(HOST)
         self.state["uris"] |= {"ray_gcs": f"{HOST}:{gcs}", "ray_dashboard": f"http://{HOST}:{dashboard}"}
         self.save()
         env = self._base_env() | self.client_env()
@@ -298,11 +293,11 @@ class Stack:
         # use, which would pull the working directory from under a driver on the other.
         def node(name: str, *args: str) -> list[str]:
             return ["ray", "start", *args, "--block", f"--node-ip-address={HOST}", f"--num-cpus={NODE_CPUS}",
-                    "--num-gpus=0", f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={self.dir / name}",
+                    "--num-gpus=0", f"--dashboard-agent-listen-port={free_port(HOST)}", f"--temp-dir={self.dir / name}",
                     "--disable-usage-stats"]  # fmt: skip
 
         head = self._spawn("ray_head", node(
-            "ray", "--head", f"--port={gcs}", f"--ray-client-server-port={free_port()}", f"--dashboard-host={HOST}",
+            "ray", "--head", f"--port={gcs}", f"--ray-client-server-port={free_port(HOST)}", f"--dashboard-host={HOST}",
             f"--dashboard-port={dashboard}",
         ), env)  # fmt: skip
         token = {"Authorization": f"Bearer {self.secret('ray_token')}"}

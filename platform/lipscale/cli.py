@@ -1,28 +1,164 @@
-"""The `lipscale` command. Each subcommand lives in the module that does the
-work and registers itself here through `add_parser(subparsers)`."""
+"""The `lipscale` command.
+
+    lipscale run | resume | status SPEC     a study (lipscale.study)
+    lipscale fit | report SPEC              its scaling laws and report (lipscale.report)
+    lipscale plan PRESET --batch B          what a train step costs (lipscale.plan)
+    lipscale data convert NAME ...          datasets in the shard format (lipscale.data.convert)
+
+Every command's arguments are declared here, and only the chosen command's;
+what runs it (torch, Ray, MLflow: seconds to import) is imported once its
+arguments have parsed. `lipscale --help` and `lipscale data convert --help`
+import none of them.
+"""
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lipscale", description=__doc__.split("\n\n")[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in _subcommand_modules():
-        module.add_parser(subparsers)
-    return parser
-
-
-def _subcommand_modules() -> list:
-    from lipscale import plan, report, study
-    from lipscale.data import convert
-
-    return [convert, plan, report, study]
+@dataclass(frozen=True)
+class Command:
+    help: str
+    declare: Callable[[argparse.ArgumentParser], None]
+    """Adds the command's arguments, and sets `run`: "module:function" of its implementation."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args) or 0
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    module, _, function = args.run.partition(":")
+    return getattr(importlib.import_module(module), function)(args) or 0
+
+
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """Every command, with the arguments of `chosen` (a command's name) only."""
+    parser = argparse.ArgumentParser(prog="lipscale", description="LipScale: scaling studies of LipNeXt.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        p = commands.add_parser(name, help=command.help, description=command.help)
+        if name == chosen:
+            command.declare(p)
+    return parser
+
+
+# --- studies ----------------------------------------------------------------------------------
+
+
+def study_options(parser: argparse.ArgumentParser) -> None:
+    """What every study command takes besides its spec (studies/scaling_law.py too)."""
+    parser.add_argument("--root", help="study root (path or s3:// URI) in place of the spec's storage.root")
+    parser.add_argument("--smoke-test", action="store_true", help="two one-epoch trials of the spec, as <name>-smoke")
+
+
+def _study(run: str, **defaults) -> Callable[[argparse.ArgumentParser], None]:
+    def declare(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("spec", metavar="SPEC", help="study spec (YAML)")
+        study_options(parser)
+        parser.set_defaults(run=run, **defaults)
+
+    return declare
+
+
+def entry_parser(default_spec: str | None, doc: str | None) -> argparse.ArgumentParser:
+    """studies/scaling_law.py's command line: `lipscale run` with the spec as an option."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", default=default_spec, help=f"study spec (YAML); default {default_spec}")
+    parser.add_argument("--resume", action="store_true", help="continue the study; refuses a changed search space")
+    study_options(parser)
+    return parser
+
+
+def _report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", metavar="SPEC", help="study spec (YAML)")
+    parser.add_argument("--root", help="study root (path or s3:// URI) in place of the spec's storage.root")
+    parser.add_argument("--resamples", type=int, default=200, help="bootstrap resamples per fit (default 200)")
+    parser.add_argument("--level", type=float, default=0.9, help="interval level (default 0.9)")
+    parser.set_defaults(run="lipscale.report.command:report_command")
+
+
+def _report_files(parser: argparse.ArgumentParser) -> None:
+    _report(parser)
+    parser.add_argument("--out", help="directory of the files (default <root>/report)")
+
+
+# --- the planner ------------------------------------------------------------------------------
+
+
+def _plan(parser: argparse.ArgumentParser) -> None:
+    from lipnext.config import PRESETS  # `lipscale plan` imports torch anyway: lipnext's package does
+    from lipscale.plan import DTYPE_BYTES
+
+    parser.add_argument("preset", metavar="PRESET", choices=list(PRESETS), help=f"one of: {', '.join(PRESETS)}")
+    parser.add_argument("--world-size", type=int, default=1, help="ranks sharding the model with FSDP2 (default 1)")
+    parser.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32", help="compute dtype (default fp32)")
+    parser.add_argument("--batch", type=int, required=True, help="samples per rank per step")
+    parser.add_argument(
+        "--flops-per-s", type=float, help="sustained FLOP/s of one rank (default: measured here with a matmul)"
+    )
+    parser.set_defaults(run="lipscale.plan:plan_command")
+
+
+# --- datasets ---------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _data(parser: argparse.ArgumentParser) -> None:
+    from lipscale.data.catalog import CIFAR, CLASS_FOLDERS
+    from lipscale.data.shapes import ShapesConfig
+
+    commands = parser.add_subparsers(dest="data_command", required=True)
+    convert = commands.add_parser(
+        "convert", help="convert a dataset to Parquet shards", description="Converters to the LipScale shard format."
+    )
+    names = convert.add_subparsers(dest="name", required=True, metavar="NAME")
+
+    def dataset(name: str, help: str, source: bool) -> argparse.ArgumentParser:
+        p = names.add_parser(name, help=help)
+        if source:
+            p.add_argument("source", metavar="SOURCE", help="archive or folder: a path or fsspec URI")
+        p.add_argument("dest", metavar="DEST", help="dataset root: a path, file:// or s3:// URI")
+        p.add_argument("--shard-size", type=_positive, help="samples per shard")
+        p.add_argument("--workers", type=_positive, default=1, help="processes writing shards")
+        p.set_defaults(run="lipscale.data.convert:convert_command", options=())
+        return p
+
+    dataset("digits", "scikit-learn's bundled 8x8 digits (offline default)", source=False)
+    shapes = dataset("shapes", "procedurally generated 32x32 shapes and textures", source=False)
+    defaults = ShapesConfig()
+    shapes.add_argument("--train", type=int, default=defaults.train, help="train samples")
+    shapes.add_argument("--test", type=int, default=defaults.test, help="test samples")
+    shapes.add_argument("--num-classes", type=int, default=defaults.num_classes, help="classes (2..15)")
+    shapes.add_argument("--seed", type=int, default=defaults.seed, help="generator seed")
+    shapes.set_defaults(options=("train", "test", "num_classes", "seed"))
+    for name in CIFAR:
+        dataset(name, f"{name} from the official python tarball", source=True)
+    for name, (size, encoding, _) in CLASS_FOLDERS.items():
+        p = dataset(name, f"{name} from class folders (folder, .zip or .tar)", source=True)
+        p.add_argument("--size", type=int, default=size, help="image side after resize and centre crop")
+        p.add_argument("--encoding", choices=("raw", "png"), default=encoding, help="how images are stored")
+        p.add_argument("--seed", type=int, default=0, help="seed of the shuffled write order")
+        p.set_defaults(options=("size", "encoding", "seed"))
+
+
+COMMANDS = {
+    "run": Command("run a study (continues it when it exists)", _study("lipscale.study:run_command", resume=False)),
+    "resume": Command("continue a study; refuses a spec whose search space changed",
+                      _study("lipscale.study:run_command", resume=True)),
+    "status": Command("the trials of a study, from its Optuna storage", _study("lipscale.study:status_command")),
+    "fit": Command("fit scaling laws of a finished study: intervals and the 1B/2B extrapolation", _report),
+    "report": Command("the fits, plus plots (PNG and one HTML page) logged to the study's MLflow parent run",
+                      _report_files),
+    "plan": Command("FLOPs, per-rank memory and step time of a preset's train step", _plan),
+    "data": Command("datasets in the LipScale shard format", _data),
+}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,14 +22,13 @@ weights as they are used. tests/test_plan.py checks the total against
 measured peaks of real steps, both ways and in both dtypes.
 """
 
-import argparse
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from lipnext import PRESETS, LipNeXt, LipNeXtConfig, preset
+from lipnext import LipNeXt, LipNeXtConfig, preset
 from lipnext.manifold import ManifoldAdamW, exchange_buckets, param_groups
 from lipnext.owner_exchange import assign_owners
 
@@ -331,23 +330,8 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(f"{name:<{width}}  {value}".rstrip() for name, value in rows)
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "plan",
-        help="FLOPs, per-rank memory and step time of a preset's train step",
-        description=__doc__.split("\n\n")[0],
-    )
-    parser.add_argument("preset", metavar="PRESET", choices=list(PRESETS), help=f"one of: {', '.join(PRESETS)}")
-    parser.add_argument("--world-size", type=int, default=1, help="ranks sharding the model with FSDP2 (default 1)")
-    parser.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32", help="compute dtype (default fp32)")
-    parser.add_argument("--batch", type=int, required=True, help="samples per rank per step")
-    parser.add_argument(
-        "--flops-per-s", type=float, help="sustained FLOP/s of one rank (default: measured here with a matmul)"
-    )
-    parser.set_defaults(run=_run)
-
-
-def _run(args) -> None:
+def plan_command(args) -> None:
+    """`lipscale plan` (its arguments: lipscale.cli)."""
     flops_per_s = args.flops_per_s or measure_flops_per_s(args.dtype)
     result = plan(
         preset(args.preset), batch=args.batch, world_size=args.world_size, dtype=args.dtype, flops_per_s=flops_per_s

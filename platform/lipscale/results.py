@@ -16,16 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from optuna.trial import TrialState
 
-from lipscale.tracking import RUN_ATTR
+from lipscale.keys import CHECKPOINT_ATTR, FAIL_REASON_ATTR, METRICS_ATTR, OBJECTIVE_ATTR, REQUEUED_ATTR, RUN_ATTR
 
-METRICS_ATTR = "metrics"
-"""Optuna trial user attr: the metrics of the trial's last report."""
-CHECKPOINT_ATTR = "checkpoint_uri"
-"""Optuna trial user attr: the trial's latest checkpoint."""
-FAIL_REASON_ATTR = "fail_reason"
-"""Optuna trial user attr: why a FAIL trial failed (e.g. its loss diverged)."""
-REQUEUED_ATTR = "requeued_as_retry"
-"""Optuna trial user attr: set on a trial that a killed driver orphaned, whose params were queued again."""
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -35,8 +27,8 @@ def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def _objective_columns(study: optuna.Study) -> list[str]:
-    """The objective metrics, as the study recorded them when it began (lipscale.study.identity)."""
-    return [o["metric"] for o in json.loads(study.user_attrs["objective"])]
+    """The objective metrics, as the study recorded them when it began (lipscale.store.identity)."""
+    return [o["metric"] for o in json.loads(study.user_attrs[OBJECTIVE_ATTR])]
 
 
 def rows(study: optuna.Study) -> list[dict]:

@@ -35,21 +35,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from lipnext.metrics import EPOCH, TRAIN_LOSS, is_metric
 from lipnext.train_config import TrainConfig
-from lipscale.spec import Spec, redact
+from lipscale import uris
+from lipscale.keys import FAIL_REASON_TAG, PARENT_ATTR, STATE_TAG, STUDY_TAG, TRIAL_TAG, trial_name
+from lipscale.spec import Spec
 
-STUDY_TAG = "lipscale.study"
-TRIAL_TAG = "lipscale.trial"
-STATE_TAG = "lipscale.state"
-FAIL_REASON_TAG = "lipscale.fail_reason"
-PARENT_ATTR = "mlflow_parent_run_id"
-"""Optuna study user attr: the parent run."""
-RUN_ATTR = "mlflow_run_id"
-"""Optuna trial user attr: the trial's child run."""
-NAMESPACES = ("eval/", "train/", "perf/", "model/")
-"""Keys of a trial's report that are metrics (the rest is Tune's bookkeeping)."""
-SERVERS = ("http", "https", "databricks")
-"""Tracking URIs whose server decides where artifacts go."""
 RETRY_FOR_S = 1800
 """How long a report waits out a tracking-server outage (a restart by hand or by Kubernetes
 can take minutes), after MLflow's own ~2 min of retries of each request."""
@@ -80,7 +71,7 @@ def _retried(uri: str, write, *args, **kwargs):
         try:
             return write(*args, **kwargs)
         except MlflowException as e:
-            if uri.split(":", 1)[0] not in SERVERS or e.error_code not in TRANSIENT or time.monotonic() > deadline:
+            if not uris.is_server(uri) or e.error_code not in TRANSIENT or time.monotonic() > deadline:
                 raise
             log.warning("MLflow did not answer, retrying in %d s: %s", RETRY_PAUSE_S, e)
             time.sleep(RETRY_PAUSE_S)
@@ -93,8 +84,7 @@ class Tracking:
     def __init__(self, spec: Spec):
         self.uri = spec.mlflow_uri
         self.experiment = spec.name
-        local = self.uri.split(":", 1)[0] not in SERVERS
-        self.artifact_location = f"{spec.root}/mlartifacts" if local else None
+        self.artifact_location = None if uris.is_server(self.uri) else f"{spec.root}/mlartifacts"
         self._logged: dict[str, int] = {}
 
     def __setstate__(self, state: dict):
@@ -147,7 +137,7 @@ class Tracking:
         run tagged with the number, or a new one; its params are the trial's whole config."""
         tags = {TRIAL_TAG: str(number)}
         if run_id is None:
-            run_id = self._get_or_create(tags, f"trial-{number:04d}", {MLFLOW_PARENT_RUN_ID: parent_id})
+            run_id = self._get_or_create(tags, trial_name(number), {MLFLOW_PARENT_RUN_ID: parent_id})
         else:
             self.client.set_tag(run_id, TRIAL_TAG, str(number))
         self._log_params_once(run_id, flatten(config.to_dict()))
@@ -156,14 +146,14 @@ class Tracking:
     def _log_params_once(self, run_id: str, params: dict) -> None:
         """Params (a URL among them with its password redacted), unless the run has some."""
         if not self.client.get_run(run_id).data.params:
-            self.client.log_batch(run_id, params=[Param(k, redact(str(v))) for k, v in params.items()])
+            self.client.log_batch(run_id, params=[Param(k, uris.redact(str(v))) for k, v in params.items()])
 
     def log_result(self, run_id: str, result: dict) -> None:
         """A trial's report as metrics at step = epoch, unless that epoch is logged already;
         retried through a server outage."""
-        epoch = int(result["epoch"])
+        epoch = int(result[EPOCH])
         if run_id not in self._logged:
-            history = _retried(self.uri, self.client.get_metric_history, run_id, "train/loss")
+            history = _retried(self.uri, self.client.get_metric_history, run_id, TRAIN_LOSS)
             self._logged[run_id] = max((m.step for m in history), default=0)
         if epoch <= self._logged[run_id]:
             return
@@ -171,7 +161,7 @@ class Tracking:
         metrics = [
             Metric(k, float(v), now, epoch)
             for k, v in result.items()
-            if k.startswith(NAMESPACES) and isinstance(v, (int, float))
+            if is_metric(k) and isinstance(v, (int, float))
         ]
         _retried(self.uri, self.client.log_batch, run_id, metrics=metrics)
         self._logged[run_id] = epoch

@@ -6,7 +6,7 @@ from collections import Counter
 import mlflow
 import optuna
 from lipscale import results
-from lipscale.tracking import PARENT_ATTR, RUN_ATTR, TRIAL_TAG
+from lipscale.keys import METRICS_ATTR, PARENT_ATTR, RUN_ATTR, TRIAL_TAG
 
 
 def count(expected, found) -> dict[str, int]:
@@ -38,7 +38,7 @@ def study_ledger(spec, trials: int) -> dict[str, dict[str, int]]:
     runs = {r.info.run_id for r in children}
     counts["runs"]["lost"] += sum(t.user_attrs.get(RUN_ATTR) not in runs for t in finished)  # linked to no run
     for t in finished:
-        last = t.user_attrs.get(results.METRICS_ATTR, {}).get("epoch", 0)
+        last = t.user_attrs.get(METRICS_ATTR, {}).get("epoch", 0)
         logged = [m.step for m in client.get_metric_history(t.user_attrs[RUN_ATTR], "train/loss")]
         for key, n in count(range(1, last + 1), logged).items():
             counts["epochs"][key] += n

@@ -20,9 +20,10 @@ from lipnext.config import preset
 from lipnext.train import LocalSession, train
 from lipnext.train_config import CheckpointConfig, DataConfig, TrainConfig
 from lipscale import results
+from lipscale.keys import FAIL_REASON_ATTR, FAIL_REASON_TAG, RUN_ATTR, STATE_TAG
 from lipscale.spec import parse_spec
-from lipscale.study import open_study, run
-from lipscale.tracking import FAIL_REASON_TAG, RUN_ATTR, STATE_TAG
+from lipscale.store import open_store
+from lipscale.study import run
 from servers import mlflow_server, outage
 from test_spec import small
 from test_study import local_ray  # noqa: F401 - a fixture
@@ -46,14 +47,14 @@ def test_a_trial_whose_loss_turns_nan_fails_with_the_reason_and_the_study_goes_o
     raw["space"] = {"optim.lr": [3e-3, 1e9]}
     raw["budget"]["max_concurrent"] = 1
     spec = parse_spec(raw)
-    study = open_study(spec, create=True)
+    study = open_store(spec, create=True).study
     study.enqueue_trial({"optim.lr": 1e9})
     study.enqueue_trial({"optim.lr": 3e-3})
 
     diverged, fine = run(spec).trials
 
     assert (diverged.state.name, fine.state.name) == ("FAIL", "COMPLETE")
-    reason = diverged.user_attrs[results.FAIL_REASON_ATTR]
+    reason = diverged.user_attrs[FAIL_REASON_ATTR]
     assert reason.startswith("train/loss is nan in epoch 1 (step 23, lr ") and reason.endswith("): the trial diverged")
     client = mlflow.MlflowClient(spec.mlflow_uri)
     tracked = client.get_run(diverged.user_attrs[RUN_ATTR])
@@ -62,7 +63,7 @@ def test_a_trial_whose_loss_turns_nan_fails_with_the_reason_and_the_study_goes_o
     (loss,) = client.get_metric_history(diverged.user_attrs[RUN_ATTR], "train/loss")
     assert loss.step == 1 and math.isnan(loss.value)
     rows = results.read(spec.root).to_pylist()
-    assert [(r["state"], r[results.FAIL_REASON_ATTR]) for r in rows] == [("FAIL", reason), ("COMPLETE", None)]
+    assert [(r["state"], r[FAIL_REASON_ATTR]) for r in rows] == [("FAIL", reason), ("COMPLETE", None)]
     scoreboard.tally(study_ledger(spec, trials=2))
 
 

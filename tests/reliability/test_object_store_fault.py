@@ -18,7 +18,7 @@ from ledger import study_ledger
 from lipnext import checkpoint
 from lipscale.spec import parse_spec
 from lipscale.study import run
-from lipscale.tracking import RUN_ATTR
+from lipscale.keys import RUN_ATTR
 from servers import free_port, kill_session, moto_server, outage
 from test_spec import small
 

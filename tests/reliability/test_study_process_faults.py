@@ -12,11 +12,12 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import sqlalchemy
 import yaml
 from ledger import study_ledger
-from lipscale import results
+from lipscale import results, uris
+from lipscale.keys import PARENT_ATTR, REQUEUED_ATTR, RUN_ATTR
 from lipscale.spec import parse_spec
-from lipscale.tracking import PARENT_ATTR, RUN_ATTR
 from servers import kill_session
 from test_spec import small
 from test_study import four_trial_spec
@@ -26,13 +27,19 @@ SCRIPT = REPO / "studies" / "scaling_law.py"
 
 
 def _complete(spec) -> int:
-    if not Path(spec.optuna_url.removeprefix("sqlite:///")).exists():
+    """The study's COMPLETE trials so far, read creating nothing: a storage opened the usual way
+    creates the tables, and one made while the driver creates them stops one of the two with
+    "table ... already exists"."""
+    if not uris.sqlite_path(spec.optuna_url).exists():
         return 0
-    storage = optuna.storages.RDBStorage(spec.optuna_url)
-    if spec.name not in optuna.get_all_study_names(storage):
+    storage = optuna.storages.RDBStorage(spec.optuna_url, skip_table_creation=True, skip_compatibility_check=True)
+    try:
+        if spec.name not in optuna.get_all_study_names(storage):
+            return 0
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+        return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    except sqlalchemy.exc.OperationalError:  # the driver has not created the tables yet
         return 0
-    study = optuna.load_study(study_name=spec.name, storage=storage)
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
 def _snapshot(spec) -> dict:
@@ -82,7 +89,7 @@ def test_the_driver_killed_mid_study_then_run_again(tmp_path, scoreboard):
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 4
     others = [t for t in study.trials if t.state != optuna.trial.TrialState.COMPLETE]
-    assert all(t.state.name == "FAIL" and results.REQUEUED_ATTR in t.user_attrs for t in others)
+    assert all(t.state.name == "FAIL" and REQUEUED_ATTR in t.user_attrs for t in others)
     client = mlflow.MlflowClient(spec.mlflow_uri)
     experiment = client.get_experiment_by_name(spec.name).experiment_id
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{study.user_attrs[PARENT_ATTR]}'")

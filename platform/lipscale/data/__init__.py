@@ -1,2 +1,3 @@
 """Writing datasets in the LipScale shard format (read by lipnext.data): the
-shard writer, the converters and the `shapes` generator."""
+catalog of converters and their defaults, the plan a converter hands the
+writer (parts), the converters, the `shapes` generator and the shard writer."""

@@ -12,7 +12,6 @@ error naming the file and leaves DEST alone. Nothing is downloaded: SOURCE
 is a local path or any fsspec URI.
 """
 
-import argparse
 import hashlib
 import io
 import json
@@ -30,8 +29,10 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from lipnext.data import DataError
+from lipscale.data.catalog import CIFAR, CLASS_FOLDERS, CONVERTERS, SHARD_SIZE
+from lipscale.data.parts import Part, Plan
 from lipscale.data.shapes import ShapesConfig, shapes_plan
-from lipscale.data.shards import Part, Plan, content_key, write_dataset
+from lipscale.data.shards import content_key, write_dataset
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _given(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return images, labels
 
 
-def digits_plan(shard_size: int = 10_000) -> Plan:
+def digits_plan(shard_size: int = SHARD_SIZE) -> Plan:
     """scikit-learn's bundled 8x8 digits (values 0..16 scaled to 0..255): the offline default."""
     d = load_digits()
     perm = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(0)).numpy()
@@ -69,26 +70,6 @@ def digits_plan(shard_size: int = 10_000) -> Plan:
 
 
 # --- CIFAR: the official python tarballs -------------------------------------------------
-
-CIFAR = {
-    "cifar10": dict(
-        folder="cifar-10-batches-py",
-        train=[f"data_batch_{i}" for i in range(1, 6)],
-        test=["test_batch"],
-        meta="batches.meta",
-        names=b"label_names",
-        labels=b"labels",
-    ),
-    "cifar100": dict(
-        folder="cifar-100-python",
-        train=["train"],
-        test=["test"],
-        meta="meta",
-        names=b"fine_label_names",
-        labels=b"fine_labels",
-    ),
-}
-
 
 class _ArrayUnpickler(pickle.Unpickler):
     """The CIFAR pickles hold dicts of lists and numpy arrays; any other class
@@ -110,7 +91,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module.replace("numpy.core", "numpy._core"), name)
 
 
-def cifar_plan(name: str, source: str, shard_size: int = 10_000) -> Plan:
+def cifar_plan(name: str, source: str, shard_size: int = SHARD_SIZE) -> Plan:
     """CIFAR-10 or CIFAR-100 (fine labels) from the official python tarball, read whole and checked."""
     layout = CIFAR[name]
     members = {f"{layout['folder']}/{m}" for m in layout["train"] + layout["test"] + [layout["meta"]]}
@@ -318,29 +299,23 @@ def _fit(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-# --- the registry and the CLI ------------------------------------------------------------
-
-CLASS_FOLDERS = {  # name: (image side, encoding, shard size) defaults
-    "tinyimagenet": (64, "raw", 10_000),
-    "imagenet": (224, "png", 1_000),  # ~100 MB shards of PNGs
-}
-
+# --- the registry ------------------------------------------------------------------------
 
 def plan(name: str, source: str | None = None, shard_size: int | None = None, **options) -> Plan:
     """The checked plan of converter `name`; `options` are its own (see the CLI)."""
     if name == "digits":
-        return digits_plan(shard_size or 10_000)
+        return digits_plan(shard_size or SHARD_SIZE)
     if name == "shapes":
-        return shapes_plan(ShapesConfig(**options), shard_size or 10_000)
+        return shapes_plan(ShapesConfig(**options), shard_size or SHARD_SIZE)
     if source is None:
         raise ValueError(f"{name} needs a SOURCE")
     if name in CIFAR:
-        return cifar_plan(name, source, shard_size or 10_000)
+        return cifar_plan(name, source, shard_size or SHARD_SIZE)
     if name in CLASS_FOLDERS:
         size, encoding, default_shards = CLASS_FOLDERS[name]
         options = {"size": size, "encoding": encoding} | options
         return class_folder_plan(name, source, shard_size=shard_size or default_shards, **options)
-    raise KeyError(f"unknown dataset {name!r}; known: digits, shapes, {', '.join(CIFAR)}, {', '.join(CLASS_FOLDERS)}")
+    raise KeyError(f"unknown dataset {name!r}; known: {', '.join(CONVERTERS)}")
 
 
 def convert(name: str, source: str | None, dest: str, workers: int = 1, **options):
@@ -348,50 +323,8 @@ def convert(name: str, source: str | None, dest: str, workers: int = 1, **option
     return write_dataset(plan(name, source, **options), dest, workers=workers)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def add_parser(subparsers):
-    data = subparsers.add_parser("data", help="datasets in the LipScale shard format")
-    commands = data.add_subparsers(dest="data_command", required=True)
-    parser = commands.add_parser(
-        "convert", help="convert a dataset to Parquet shards", description=__doc__.split("\n\n")[0]
-    )
-    names = parser.add_subparsers(dest="name", required=True, metavar="NAME")
-
-    def dataset(name: str, help: str, source: bool):
-        p = names.add_parser(name, help=help)
-        if source:
-            p.add_argument("source", metavar="SOURCE", help="archive or folder: a path or fsspec URI")
-        p.add_argument("dest", metavar="DEST", help="dataset root: a path, file:// or s3:// URI")
-        p.add_argument("--shard-size", type=_positive, help="samples per shard")
-        p.add_argument("--workers", type=_positive, default=1, help="processes writing shards")
-        p.set_defaults(run=_run, options=())
-        return p
-
-    dataset("digits", "scikit-learn's bundled 8x8 digits (offline default)", source=False)
-    shapes = dataset("shapes", "procedurally generated 32x32 shapes and textures", source=False)
-    defaults = ShapesConfig()
-    shapes.add_argument("--train", type=int, default=defaults.train, help="train samples")
-    shapes.add_argument("--test", type=int, default=defaults.test, help="test samples")
-    shapes.add_argument("--num-classes", type=int, default=defaults.num_classes, help="classes (2..15)")
-    shapes.add_argument("--seed", type=int, default=defaults.seed, help="generator seed")
-    shapes.set_defaults(options=("train", "test", "num_classes", "seed"))
-    for name in CIFAR:
-        dataset(name, f"{name} from the official python tarball", source=True)
-    for name, (size, encoding, _) in CLASS_FOLDERS.items():
-        p = dataset(name, f"{name} from class folders (folder, .zip or .tar)", source=True)
-        p.add_argument("--size", type=int, default=size, help="image side after resize and centre crop")
-        p.add_argument("--encoding", choices=("raw", "png"), default=encoding, help="how images are stored")
-        p.add_argument("--seed", type=int, default=0, help="seed of the shuffled write order")
-        p.set_defaults(options=("size", "encoding", "seed"))
-
-
-def _run(args) -> int:
+def convert_command(args) -> int:
+    """`lipscale data convert NAME ...` (its arguments: lipscale.cli)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     options = {k: getattr(args, k) for k in args.options}
     try:

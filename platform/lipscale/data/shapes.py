@@ -18,7 +18,8 @@ from functools import partial
 
 import numpy as np
 
-from lipscale.data.shards import Part, Plan
+from lipscale.data.catalog import SHARD_SIZE
+from lipscale.data.parts import Part, Plan
 
 SHAPES = ("disk", "ring", "square", "triangle", "cross")
 FILLS = ("solid", "striped", "checkered")
@@ -60,7 +61,7 @@ class ShapesConfig:
         return tuple(f"{fill}-{shape}" for fill in FILLS for shape in SHAPES)[: self.num_classes]
 
 
-def shapes_plan(config: ShapesConfig, shard_size: int = 10_000) -> Plan:
+def shapes_plan(config: ShapesConfig, shard_size: int = SHARD_SIZE) -> Plan:
     splits = {}
     for split, total in (("train", config.train), ("test", config.test)):
         counts = [min(shard_size, total - start) for start in range(0, total, shard_size)]

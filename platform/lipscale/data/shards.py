@@ -1,7 +1,7 @@
 """Writing LipScale datasets; the format and its reader are lipnext.data.
 
-A converter checks its source and hands `write_dataset` a Plan: per split, the
-Parts that become shards. Each shard is encoded in memory, uploaded under a
+A converter checks its source and hands `write_dataset` a Plan
+(lipscale.data.parts): per split, the Parts that become shards. Each shard is encoded in memory, uploaded under a
 temporary name and renamed into place, and the manifest is written only after
 every shard, so a reader never accepts a half-written dataset. A rerun keeps
 every finished shard whose key matches the plan's.
@@ -12,9 +12,7 @@ import io
 import json
 import logging
 import multiprocessing
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -24,34 +22,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from lipnext.data import ENCODINGS, MANIFEST, DataError, Manifest, Shard
+from lipscale.data.parts import Part, Plan
 
 log = logging.getLogger(__name__)
 
 _METADATA = b"lipscale"
-
-
-@dataclass(frozen=True)
-class Part:
-    """One shard to write. `load()` returns its images, uint8 (count, C, H, W),
-    and labels (count,). `key` names exactly what they will be (the source
-    slice and the options), so a rerun can keep a finished shard instead of
-    converting it again. `load` must pickle (a functools.partial of a module
-    function) when the writer runs several processes."""
-
-    key: str
-    count: int
-    load: Callable[[], tuple[np.ndarray, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a converter hands the writer, after checking its whole source."""
-
-    name: str
-    shape: tuple[int, int, int]
-    classes: tuple[str, ...]
-    encoding: str
-    splits: dict[str, list[Part]]
 
 
 def content_key(*arrays: np.ndarray) -> str:

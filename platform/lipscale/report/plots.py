@@ -1,11 +1,10 @@
 """Figures described once as panels of series, drawn twice: a matplotlib PNG
 (for MLflow's artifact view and the README) and a plotly figure for the one
-self-contained HTML page (hover names every trial). The report decides what
-to draw; this module only knows how.
+self-contained HTML page (hover names every trial). What to draw is
+lipscale.report.figures'; this module only knows how.
 
-matplotlib and plotly are imported when a figure is drawn: every `lipscale`
-command imports this module through the CLI, and plotly is an extra
-(pip install -e ".[dashboards]").
+matplotlib and plotly are imported when a figure is drawn: `lipscale fit`
+draws none, and plotly is an extra (pip install -e ".[dashboards]").
 """
 
 import html
