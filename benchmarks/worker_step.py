@@ -16,15 +16,12 @@
 import argparse
 import os
 import resource
-import socket
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from harness import write_result
 from torch.distributed.device_mesh import init_device_mesh
 
@@ -32,6 +29,7 @@ from lipnext import LipNeXt, preset
 from lipnext.certify import offset_cross_entropy
 from lipnext.manifold import ManifoldAdamW, param_groups
 from lipnext.parallelize import apply_fsdp, materialize
+from lipnext.ranks import run_ranks
 
 SCALING = {"tiny": 256, "cifar-l8w256": 32}  # preset -> global batch
 
@@ -103,24 +101,9 @@ def _one_billion():
     }
 
 
-def _entry(rank, world, port, out, fn, args, threads):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.save(fn(*args), f"{out}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def on_ranks(fn, world, *args):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    threads = max(1, (os.cpu_count() or 1) // world)
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_entry, args=(world, port, out, fn, args, threads), nprocs=world)
-        return [torch.load(f"{out}/{r}.pt") for r in range(world)]
+def on_ranks(fn, world: int, *args) -> list:
+    """fn on `world` ranks that share the machine's cores between them."""
+    return run_ranks(fn, world, *args, threads=max(1, (os.cpu_count() or 1) // world))
 
 
 def main(sections, steps):

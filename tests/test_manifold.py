@@ -11,7 +11,6 @@ import geoopt
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from distributed import run_ranks
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 
@@ -27,6 +26,7 @@ from lipnext.manifold import (
     polar,
     skew,
 )
+from lipnext.ranks import run_ranks
 
 f64 = dict(dtype=torch.float64)
 SHAPES = {"square": (8, 8), "wide": (6, 10), "tall": (10, 6)}

@@ -4,12 +4,12 @@ import shutil
 
 import pytest
 import torch
-from distributed import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 
 from lipnext import LipNeXt, preset
 from lipnext.checkpoint import latest, load_model
 from lipnext.parallelize import apply_fsdp, materialize
+from lipnext.ranks import run_ranks
 from lipnext.train import LocalSession, train
 from lipnext.train_config import CheckpointConfig, DataConfig, TrainConfig
 
