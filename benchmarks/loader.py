@@ -22,7 +22,7 @@ import torch
 
 from lipnext import LipNeXt, preset
 from lipnext.certify import offset_cross_entropy
-from lipnext.data import ShardLoader
+from lipnext.loader import ShardLoader
 from lipnext.manifold import ManifoldAdamW, param_groups
 from lipscale.data.shapes import ShapesConfig, shapes_plan
 from lipscale.data.shards import write_dataset

@@ -38,7 +38,8 @@ from lipnext.certify import (
     pairwise_radius,
 )
 from lipnext.config import PRESETS, preset
-from lipnext.data import DataError, ShardLoader, open_dataset
+from lipnext.data import DataError, open_dataset
+from lipnext.loader import ShardLoader
 from lipnext.manifold import ManifoldAdamW, param_groups
 from lipnext.metrics import DIVERGED, TRAIN_SAMPLES
 from lipnext.model import LipNeXt, train_flops_per_sample
