@@ -27,6 +27,7 @@ from lipnext.manifold import (
     skew,
 )
 from lipnext.ranks import run_ranks
+from lipnext.train_config import OptimConfig
 
 f64 = dict(dtype=torch.float64)
 SHAPES = {"square": (8, 8), "wide": (6, 10), "tall": (10, 6)}
@@ -173,6 +174,13 @@ def test_one_sgd_step_agrees_with_geoopt_to_second_order():
     assert gaps[0] < 1e-3
     for big, small in zip(gaps, gaps[1:]):
         assert 6 < big / small < 10
+
+
+def test_the_optimizers_defaults_are_those_of_a_trials_config():
+    """One default of each setting: OptimConfig's (a trial passes all of them)."""
+    expected = OptimConfig().optimizer_kwargs()
+    defaults = ManifoldAdamW([torch.zeros(1)]).defaults
+    assert {k: defaults[k] for k in expected} == expected
 
 
 def test_weight_decay_applies_to_euclidean_groups_only():

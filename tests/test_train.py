@@ -1,17 +1,20 @@
-"""The training worker without Ray: materialisation, resume, and its errors."""
+"""The training worker without Ray: its config, materialisation, resume, and its errors."""
 
+import re
 import shutil
+from typing import get_args, get_type_hints
 
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 from lipnext import LipNeXt, preset
+from lipnext.augment import AUGMENTATIONS, Augmentation
 from lipnext.checkpoint import latest, load_model
 from lipnext.parallelize import apply_fsdp, materialize
 from lipnext.ranks import run_ranks
 from lipnext.train import LocalSession, train
-from lipnext.train_config import CheckpointConfig, DataConfig, TrainConfig
+from lipnext.train_config import CheckpointConfig, DataConfig, LossConfig, OptimConfig, TrainConfig
 
 CONFIG = preset("tiny", width=40, shift_ratio=1 / 8)  # 40 rows: uneven shards on 3 ranks
 
@@ -90,13 +93,43 @@ def test_data_that_does_not_fit_the_model_is_refused_naming_the_field(digits_sha
         train(bad, LocalSession(bad.checkpoint))
 
 
-@pytest.mark.parametrize(
-    "changes,field",
-    [(dict(epochs=0), "epochs"), (dict(precision="fp16"), "precision"), (dict(device="tpu"), "device")],
-)
-def test_invalid_train_configs_name_the_field(changes, field):
-    with pytest.raises(ValueError, match=field):
-        TrainConfig(model=preset("tiny"), **changes)
+BAD_CONFIGS = [  # (section, a bad value, the error), every bound of the trial's config
+    (TrainConfig, dict(epochs=0), "epochs must be positive, got 0"),
+    (TrainConfig, dict(eval_every_epochs=0), "eval_every_epochs must be a positive integer, got 0"),
+    (TrainConfig, dict(precision="fp16"), "precision must be one of ('fp32', 'bf16'), got 'fp16'"),
+    (TrainConfig, dict(device="tpu"), "device must be one of ('auto', 'cpu', 'cuda'), got 'tpu'"),
+    (OptimConfig, dict(lr=0.0), "lr must be positive, got 0.0"),
+    (OptimConfig, dict(betas=(0.9, 1.0)), "betas must be two values in [0, 1), got (0.9, 1.0)"),
+    (OptimConfig, dict(weight_decay=-0.1), "weight_decay must not be negative, got -0.1"),
+    (OptimConfig, dict(warmup_fraction=1.0), "warmup_fraction must lie in [0, 1), got 1.0"),
+    (OptimConfig, dict(grad_clip=-1.0), "grad_clip must not be negative (0 disables), got -1.0"),
+    (OptimConfig, dict(lookahead_steps=-1), "lookahead_steps must be a non-negative integer, got -1"),
+    (OptimConfig, dict(lookahead_alpha=0.0), "lookahead_alpha must lie in (0, 1], got 0.0"),
+    (OptimConfig, dict(reorthogonalize_every=-5), "reorthogonalize_every must be a non-negative integer, got -5"),
+    (OptimConfig, dict(ema_decay=1.0), "ema_decay must lie in [0, 1), got 1.0"),
+    (LossConfig, dict(eps_train=-0.1), "eps_train must not be negative, got -0.1"),
+    (LossConfig, dict(eps_ramp_fraction=1.5), "eps_ramp_fraction must lie in [0, 1], got 1.5"),
+    (LossConfig, dict(temperature=0.0), "temperature must be positive, got 0.0"),
+    (DataConfig, dict(batch_size=0), "batch_size must be positive, got 0"),
+    (DataConfig, dict(augment="cropflip"), "augment must be one of ('crop_flip', 'random_resized_crop', None), got 'cropflip'"),
+    (DataConfig, dict(prefetch=0), "prefetch must be a positive integer, got 0"),
+    (CheckpointConfig, dict(every_epochs=-1), "every_epochs must be a non-negative integer, got -1"),
+    (CheckpointConfig, dict(keep=0), "keep must be a positive integer, got 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("section,changes,message", BAD_CONFIGS, ids=[next(iter(c)) for _, c, _ in BAD_CONFIGS])
+def test_a_bad_config_value_is_refused_naming_the_field(section, changes, message):
+    required = dict(model=preset("tiny")) if section is TrainConfig else {}
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        section(**required, **changes)
+
+
+def test_every_augmentation_of_the_registry_is_a_choice_of_the_config():
+    assert get_args(get_type_hints(DataConfig)["augment"]) == (Augmentation, type(None))
+    assert get_args(Augmentation) == tuple(AUGMENTATIONS)
+    for name in AUGMENTATIONS:
+        assert DataConfig(augment=name).augment == name
 
 
 def test_train_config_round_trips_through_a_dict():

@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -97,8 +97,10 @@ def _searchable() -> dict[str, type]:
     found = {}
     for section, cls in SECTIONS.items():
         for name, kind in get_type_hints(cls).items():
-            scalars = [k for k in get_args(kind) if k is not type(None)] if isinstance(kind, UnionType) else [kind]
-            if all(k in (int, float, str, bool) for k in scalars) and f"{section}.{name}" not in NOT_SEARCHED:
+            union = get_origin(kind) in (Union, UnionType)  # `int | None`, or `Optional[Literal[...]]`
+            scalars = [k for k in get_args(kind) if k is not type(None)] if union else [kind]
+            scalar = all(k in (int, float, str, bool) or get_origin(k) is Literal for k in scalars)
+            if scalar and f"{section}.{name}" not in NOT_SEARCHED:
                 found[f"{section}.{name}"] = kind
     return found
 

@@ -22,12 +22,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from lipnext import checkpoint
+from lipnext.augment import Augmentation
 from lipnext.certify import (
     EPS_255,
     class_vectors,
@@ -44,7 +46,7 @@ from lipnext.manifold import ManifoldAdamW, param_groups
 from lipnext.metrics import DIVERGED, TRAIN_SAMPLES
 from lipnext.model import LipNeXt, train_flops_per_sample
 from lipnext.parallelize import apply_fsdp, materialize
-from lipnext.train_config import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
+from lipnext.train_config import CheckpointConfig, DataConfig, Device, OptimConfig, Precision, TrainConfig
 
 log = logging.getLogger("lipnext.train")
 
@@ -321,10 +323,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=DataConfig.batch_size, help="global batch")
     p.add_argument("--lr", type=float, default=OptimConfig.lr)
-    p.add_argument("--augment", choices=["crop_flip", "random_resized_crop"], default=None)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", choices=get_args(Augmentation), default=DataConfig.augment)
+    p.add_argument("--precision", choices=get_args(Precision), default=TrainConfig.precision)
+    p.add_argument("--device", choices=get_args(Device), default=TrainConfig.device)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--checkpoint-dir", default=None, help="save (and resume from) DCP checkpoints here")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     return p
