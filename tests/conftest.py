@@ -39,3 +39,13 @@ def trained_tiny(digits):
         opt.step()
         schedule.step()
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> str:
+    """The same digits converted to the shard format (`lipscale data convert digits`)."""
+    from lipscale.data.convert import convert
+
+    root = tmp_path_factory.mktemp("data") / "digits"
+    convert("digits", None, str(root))
+    return str(root)

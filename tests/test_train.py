@@ -50,15 +50,6 @@ def test_sharded_materialize_matches_an_unsharded_init(world):
         assert local_rows["blocks.0.basis.weight"] < CONFIG.width  # really sharded
 
 
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory):
-    from lipscale.data.convert import convert
-
-    root = tmp_path_factory.mktemp("data") / "digits"
-    convert("digits", None, str(root))
-    return str(root)
-
-
 def _config(data, checkpoint_dir, epochs=3):
     return TrainConfig(
         model=preset("tiny"),

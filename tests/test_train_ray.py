@@ -42,15 +42,6 @@ def ray_cluster(s3):
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory):
-    from lipscale.data.convert import convert
-
-    root = tmp_path_factory.mktemp("data") / "digits"
-    convert("digits", None, str(root))
-    return str(root)
-
-
 def _fit(data, storage, name, workers=2, failures=0):
     config = TrainConfig(model=preset("digits"), data=DataConfig(uri=data, batch_size=128), epochs=4)
     trainer = TorchTrainer(

@@ -30,20 +30,12 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from lipnext import checkpoint
 from lipnext.augment import Augmentation
-from lipnext.certify import (
-    EPS_255,
-    class_vectors,
-    feature_lipschitz_bound,
-    lipschitz_bound,
-    max_orthogonality_error,
-    offset_cross_entropy,
-    pairwise_radius,
-)
+from lipnext.certify import Certificate, accuracies, certified_counts, offset_cross_entropy
 from lipnext.config import PRESETS, preset
 from lipnext.data import DataError, open_dataset
 from lipnext.loader import ShardLoader
 from lipnext.manifold import ManifoldAdamW, param_groups
-from lipnext.metrics import DIVERGED, TRAIN_SAMPLES
+from lipnext.metrics import ACCURACIES, DIVERGED, EVAL_SAMPLES_PER_S, LIPSCHITZ_BOUND, ORTHO_ERROR, TRAIN_SAMPLES
 from lipnext.model import LipNeXt, train_flops_per_sample
 from lipnext.parallelize import apply_fsdp, materialize
 from lipnext.train_config import CheckpointConfig, DataConfig, Device, OptimConfig, Precision, TrainConfig
@@ -162,30 +154,32 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model: LipNeXt, loader: ShardLoader, device: torch.device) -> dict:
-    """Clean accuracy and CRA over this rank's share, summed over ranks.
+    """Clean accuracy and CRA over this rank's share, summed over ranks, with the
+    certificate's Lipschitz bound and orthogonality error: exactly what
+    lipnext.certify gives for the same model and data (one Certificate, one Gram
+    matrix per orthogonal matrix, per evaluation).
 
     Always fp32: the certificate is computed from the fp32 weights, and a
     bf16 forward would use weights rounded off the manifold (~1e-2 here)."""
+    training = model.training
     model.eval()
-    vectors = class_vectors(model).to(device)
-    feature_bound = feature_lipschitz_bound(model)
-    counts = [0.0] * (2 + len(EPS_255))
+    certificate = Certificate(model)
+    counts = torch.zeros(len(ACCURACIES), dtype=torch.int64, device=device)
+    samples = 0
     start = time.perf_counter()
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device)
-        radius = pairwise_radius(model(images).float(), labels, vectors, feature_bound)
-        counts[0] += len(labels)
-        counts[1] += (radius > 0).sum().item()
-        for i, k in enumerate(EPS_255):
-            counts[2 + i] += (radius > k / 255).sum().item()
+        counts += certified_counts(certificate.radius(model(images).float(), labels))
+        samples += len(labels)
     elapsed = _all_reduce_sum([time.perf_counter() - start], device)[0] / max(1, _world())
-    n, correct, *certified = _all_reduce_sum(counts, device)
-    model.train()
-    metrics = {"eval/clean_acc": correct / n, "perf/eval_samples_per_s": n / elapsed}
-    metrics.update({f"eval/cra_{k}": c / n for k, c in zip(EPS_255, certified)})
-    metrics["model/lipschitz_bound"] = lipschitz_bound(model)
-    metrics["model/ortho_error"] = max_orthogonality_error(model)
-    return metrics
+    n, *certified = _all_reduce_sum([samples, *counts.tolist()], device)
+    model.train(training)
+    return {
+        **accuracies(certified, n),
+        EVAL_SAMPLES_PER_S: n / elapsed,
+        LIPSCHITZ_BOUND: certificate.lipschitz,
+        ORTHO_ERROR: certificate.ortho_error,
+    }
 
 
 def _world() -> int:
