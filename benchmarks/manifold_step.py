@@ -1,7 +1,8 @@
 """Cost of training on the manifold.
 
-(a) full train step (forward, backward, optimizer) of width-1024 LipNeXt blocks at
-    16,384 tokens per step: ManifoldAdamW vs AdamW on unconstrained weights (target <= 1.10x);
+(a) full train step (lipnext.train.train_step: forward, backward, clipping, optimizer) of
+    width-1024 LipNeXt blocks at 16,384 tokens per step: ManifoldAdamW vs AdamW on
+    unconstrained weights (target <= 1.10x);
 (b) the optimizer step alone: ManifoldAdamW vs geoopt's RiemannianAdam on the Stiefel
     manifold, same matrices and gradients (target >= 2x faster);
 (c) full train step vs the same model with torch.nn.utils.parametrizations.orthogonal
@@ -10,9 +11,11 @@
     re-projection, and what bf16 rounding of the weights does to the certificate.
 
     python benchmarks/manifold_step.py         # writes benchmarks/results/manifold_step.json
+    python benchmarks/manifold_step.py --smoke --repeats 1   # seconds: checks the script runs
 """
 
 import argparse
+import contextlib
 import copy
 import math
 
@@ -22,13 +25,16 @@ from harness import time_interleaved, write_result
 from model_step import reparametrised
 from torch.nn.utils import parametrize
 
-from lipnext import LipNeXt, preset
+from lipnext import preset
 from lipnext.certify import orthogonality_error
-from lipnext.manifold import ManifoldAdamW, param_groups, polar
+from lipnext.manifold import ManifoldAdamW, polar
+from lipnext.train import build_model, build_optimizer, train_step
+from lipnext.train_config import OptimConfig, TrainConfig
 
 # Two width-1024 blocks on a 16x16 token grid, 64 images: 64 * 256 = 16,384 tokens.
 CONFIG = preset("cifar-l8w256", width=1024, depth=2, patch_size=2)
 BATCH = 64
+SMOKE = preset("cifar-l8w256", width=32, depth=1, patch_size=2), 4  # seconds: checks the script runs
 
 
 class BlockStack(torch.nn.Module):
@@ -38,7 +44,7 @@ class BlockStack(torch.nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        model = LipNeXt(config)
+        model = build_model(config, torch.device("cpu"))
         self.blocks, self.pool, self.head = model.blocks, model.pool, model.head
 
     def forward(self, tokens):
@@ -47,15 +53,13 @@ class BlockStack(torch.nn.Module):
         return self.head(self.pool(tokens))
 
 
-def train_step(model, opt, x, y, cache=False):
+def full_step(model, opt, x, y, run: TrainConfig, cache=False):
+    """lipnext.train's train_step (clipping included) on tokens; with `cache`, each
+    parametrised weight is computed once per step, not once per use."""
+
     def step():
-        opt.zero_grad(set_to_none=True)
-        if cache:
-            with parametrize.cached():
-                torch.nn.functional.cross_entropy(model(x), y).backward()
-        else:
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+        with parametrize.cached() if cache else contextlib.nullcontext():
+            train_step(model, opt, x, y, 36 / 255, run)
 
     return step
 
@@ -73,22 +77,24 @@ def last_step_norms(opt) -> list[float]:
     return norms
 
 
-def full_steps(repeats):
+def full_steps(repeats, config=CONFIG, batch=BATCH):
     torch.manual_seed(0)
-    model = BlockStack(CONFIG)
-    x = torch.randn(BATCH, CONFIG.grid_size, CONFIG.grid_size, CONFIG.width)
-    y = torch.randint(0, 10, (BATCH,))
+    model = BlockStack(config)
+    x = torch.randn(batch, config.grid_size, config.grid_size, config.width)
+    y = torch.randint(0, 10, (batch,))
     free = copy.deepcopy(model)
     param = reparametrised(model)
-    manifold_opt = ManifoldAdamW(param_groups(model), lr=1e-3)
+    run = TrainConfig(model=config, optim=OptimConfig(lr=1e-3))
+    manifold_opt = build_optimizer(model, run.optim)
+    lr = run.optim.lr
     steps = {
-        "manifold": train_step(model, manifold_opt, x, y),
-        "adamw": train_step(free, torch.optim.AdamW(free.parameters(), lr=1e-3, weight_decay=0.0), x, y),
-        "parametrized": train_step(param, torch.optim.Adam(param.parameters(), lr=1e-3), x, y, cache=True),
+        "manifold": full_step(model, manifold_opt, x, y, run),
+        "adamw": full_step(free, torch.optim.AdamW(free.parameters(), lr=lr, weight_decay=0.0), x, y, run),
+        "parametrized": full_step(param, torch.optim.Adam(param.parameters(), lr=lr), x, y, run, cache=True),
     }
     seconds = time_interleaved(steps, repeats, warmup=3)
     return {
-        "tokens_per_step": BATCH * CONFIG.grid_size**2,
+        "tokens_per_step": batch * config.grid_size**2,
         "seconds_per_step": seconds,
         "manifold_over_adamw": seconds["manifold"] / seconds["adamw"],
         "speedup_vs_parametrized": seconds["parametrized"] / seconds["manifold"],
@@ -96,10 +102,10 @@ def full_steps(repeats):
     }
 
 
-def optimizer_only(repeats):
+def optimizer_only(repeats, config=CONFIG):
     """Same matrices and gradients for both optimizers: the blocks' 1024x1024 R and M."""
     torch.manual_seed(0)
-    mats = [polar(torch.randn(1024, 1024)) for _ in range(2 * CONFIG.depth)]
+    mats = [polar(torch.randn(config.width, config.width)) for _ in range(2 * config.depth)]
     grads = [torch.randn_like(m) * 1e-3 for m in mats]
     ours = [torch.nn.Parameter(m.clone()) for m in mats]
     theirs = [geoopt.ManifoldParameter(m.clone(), manifold=geoopt.Stiefel()) for m in mats]
@@ -130,8 +136,7 @@ def drift(n: int, steps: int = 1000) -> dict:
             worst = max(worst, orthogonality_error(w))
         return worst, orthogonality_error(w)
 
-    default_every = ManifoldAdamW([torch.zeros(1)]).defaults["reorthogonalize_every"]
-    worst, _ = run(default_every)
+    worst, _ = run(OptimConfig.reorthogonalize_every)
     _, never = run(0)
     w32 = polar(torch.randn(n, n))
     bf16_error = orthogonality_error(w32.bfloat16())
@@ -148,17 +153,20 @@ def drift(n: int, steps: int = 1000) -> dict:
     }
 
 
-def main(repeats: int):
+def main(repeats: int, smoke: bool):
+    config, batch = SMOKE if smoke else (CONFIG, BATCH)
     result = {
-        "full_step": full_steps(repeats),
-        "optimizer_step": optimizer_only(repeats),
-        "drift": [drift(32), drift(256)],
+        "full_step": full_steps(repeats, config, batch),
+        "optimizer_step": optimizer_only(repeats, config),
+        "drift": [drift(16, steps=20)] if smoke else [drift(32), drift(256)],
         "targets": {"manifold_over_adamw": 1.10, "speedup_vs_geoopt": 2.0, "speedup_vs_parametrized": 2.0},
     }
-    write_result("manifold_step", result)
+    write_result("manifold_step_smoke" if smoke else "manifold_step", result)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
-    main(parser.parse_args().repeats)
+    parser.add_argument("--smoke", action="store_true", help="a width-32 block, seconds: checks the script runs")
+    args = parser.parse_args()
+    main(args.repeats, args.smoke)

@@ -5,13 +5,10 @@ then the optimizer is checked end to end: drift, Procrustes, geoopt, FSDP2,
 checkpoint round trips and training a real model.
 """
 
-import math
-
 import geoopt
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from distributed import run_ranks
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 
@@ -27,6 +24,9 @@ from lipnext.manifold import (
     polar,
     skew,
 )
+from lipnext.metrics import CLEAN_ACC, cra
+from lipnext.ranks import run_ranks
+from lipnext.train_config import OptimConfig
 
 f64 = dict(dtype=torch.float64)
 SHAPES = {"square": (8, 8), "wide": (6, 10), "tall": (10, 6)}
@@ -121,7 +121,7 @@ def _random_gradient_run(steps, reorthogonalize_every, shape=(32, 32), seed=0):
 
 
 def test_default_reorthogonalisation_keeps_fp32_drift_below_1e5():
-    worst, _ = _random_gradient_run(1000, ManifoldAdamW([torch.zeros(1)]).defaults["reorthogonalize_every"])
+    worst, _ = _random_gradient_run(1000, OptimConfig.reorthogonalize_every)
     assert worst <= 1e-5
     _, drifted = _random_gradient_run(1000, 0)
     # Without it fp32 rounding and Taylor truncation accumulate (measured ~6e-5 here).
@@ -175,6 +175,13 @@ def test_one_sgd_step_agrees_with_geoopt_to_second_order():
         assert 6 < big / small < 10
 
 
+def test_the_optimizers_defaults_are_those_of_a_trials_config():
+    """One default of each setting: OptimConfig's (a trial passes all of them)."""
+    expected = OptimConfig().optimizer_kwargs()
+    defaults = ManifoldAdamW([torch.zeros(1)]).defaults
+    assert {k: defaults[k] for k in expected} == expected
+
+
 def test_weight_decay_applies_to_euclidean_groups_only():
     ortho, rest = ManifoldAdamW(param_groups(LipNeXt(preset("tiny"))), weight_decay=0.1).param_groups
     assert ortho["weight_decay"] == 0.0 and rest["weight_decay"] == 0.1
@@ -196,8 +203,8 @@ def test_param_groups_split_orthogonal_matrices_from_the_rest():
 def test_tiny_lipnext_trains_on_digits_to_90_percent(trained_tiny, digits):
     _, (x, y) = digits
     acc = certified_accuracies(certified_radius(trained_tiny, x, y))
-    assert acc["clean_acc"] >= 0.90
-    assert acc["cra_36"] > 0.5
+    assert acc[CLEAN_ACC] >= 0.90
+    assert acc[cra(36)] > 0.5
     assert max(orthogonality_error(p) for p in param_groups(trained_tiny)[0]["params"]) < 1e-4
 
 

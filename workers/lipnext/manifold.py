@@ -20,6 +20,7 @@ from torch import nn
 
 from lipnext.layers import OrthogonalLinear
 from lipnext.owner_exchange import assign_owners, gather_to_owners, scatter_from_owners
+from lipnext.train_config import OptimConfig
 
 FAST_EXP_ORDERS = ((0.05, 2), (0.2, 3), (0.5, 4))
 """(bound on rho = sqrt(||A^2||_F), Taylor order) of FastExp; matrix_exp beyond."""
@@ -195,20 +196,21 @@ class ManifoldAdamW(torch.optim.Optimizer):
     memory the exchange adds. With `ema_decay` > 0 an exponential moving average of
     the weights moves toward them along the manifold each step
     (`ema_weights()` swaps it in, e.g. for evaluation). State is fp32
-    whatever the compute dtype.
+    whatever the compute dtype. The defaults are OptimConfig's (a trial passes
+    OptimConfig.optimizer_kwargs()); eps and the bucket size are the optimizer's own.
     """
 
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        lr: float = OptimConfig.lr,
+        betas: tuple[float, float] = OptimConfig.betas,
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        lookahead_steps: int = 6,
-        lookahead_alpha: float = 0.5,
-        reorthogonalize_every: int = 100,
-        ema_decay: float = 0.0,
+        weight_decay: float = OptimConfig.weight_decay,
+        lookahead_steps: int = OptimConfig.lookahead_steps,
+        lookahead_alpha: float = OptimConfig.lookahead_alpha,
+        reorthogonalize_every: int = OptimConfig.reorthogonalize_every,
+        ema_decay: float = OptimConfig.ema_decay,
         exchange_bucket_mb: float = 256,
     ):
         defaults = dict(
