@@ -14,3 +14,10 @@ def test_gpu_step_runs_in_smoke_mode():
     result = json.loads((BENCHMARKS / "results" / "gpu_step_smoke.json").read_text())
     (case,) = result["cases"]
     assert case["samples_per_s"] > 0 and case["model_flops_per_step"] > 0
+
+
+def test_audit_cost_runs_in_smoke_mode():
+    subprocess.run([sys.executable, "audit_cost.py", "--smoke", "--repeats", "2"], cwd=BENCHMARKS, check=True)
+    result = json.loads((BENCHMARKS / "results" / "audit_cost_smoke.json").read_text())
+    assert result["evaluations"] == 1 and 0 < result["share_of_trial"] and 0 < result["share_of_trial_cpu"]
+    assert result["audit"]["audit/flips_at_radius"] == 0
