@@ -6,7 +6,9 @@ attacked by L2 PGD on the logit margin
   - at each point's own certified radius: a flip there means the certificate
     is unsound, and the audit raises `UnsoundCertificate` with the points saved;
   - at twice that radius: the attack must flip most points there, or a clean
-    result at 1x would say nothing about the attack;
+    result at 1x would say nothing about the attack (on trained digits models it
+    flips all; early in training the certificate can be loose by more than 2x,
+    and then the share is low for any attack: 100 steps flip no more than 3);
 
 and the feature map's Lipschitz constant gets an empirical lower bound (power
 iteration on its Jacobian, every ratio ||f(x) - f(x')|| / ||x - x'|| of a real
