@@ -14,8 +14,9 @@ and the feature map's Lipschitz constant gets an empirical lower bound (power
 iteration on its Jacobian, every ratio ||f(x) - f(x')|| / ||x - x'|| of a real
 pair), reported beside the certified bound L_f that the radii divide by.
 
-    x, y = audit_sample(dataset, AuditConfig.points, seed)    # once per trial: the same points every time
-    metrics.update(audit(model, x, y, radius, feature_lipschitz, save_to=trial_dir / "unsound.pt"))
+    x, y = (t.to(device) for t in audit_sample(dataset, AuditConfig.points, seed))   # once per trial
+    radius = certified_radius(model, x, y)                                            # every evaluation
+    metrics.update(audit(model, x, y, radius, feature_lipschitz_bound(model), save_to=trial_dir / "unsound.pt"))
 
 The attack maximises the margin max_{j != y} z_j - z_y, not a cross-entropy:
 with unit-norm class vectors the logits span a few units and the softmax is
