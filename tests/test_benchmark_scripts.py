@@ -29,6 +29,11 @@ SMOKE = {  # script: (its arguments, the file it writes, a check of what it wrot
         lambda r: min(r["full_step"]["seconds_per_step"].values()) > 0 and r["optimizer_step"]["speedup_vs_geoopt"] > 0,
     ),
     "model_step.py": (["--smoke", "--repeats", "1"], "model_step_smoke.json", lambda r: r["cases"]["tiny"]["flops_per_step"] > 0),
+    "audit_cost.py": (
+        ["--smoke", "--repeats", "2"],
+        "audit_cost_smoke.json",
+        lambda r: r["evaluations"] == 1 and r["share_of_trial"] > 0 and r["audit"]["audit/flips_at_radius"] == 0,
+    ),
 }  # fmt: skip
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lipschitz_check import ascent_ratio, random_pair_ratio
-from pgd import pgd_l2
 
 from lipnext import LipNeXt, preset
+from lipnext.audit import pgd_l2
 from lipnext.certify import (
     Certificate,
     certified_accuracies,
@@ -164,9 +164,9 @@ def test_pgd_at_the_certified_radius_flips_no_certified_point(trained_tiny, digi
     certified = radius > 0
     x, y, radius = x[certified], y[certified], radius[certified]
     assert len(y) > 250
-    adv = pgd_l2(trained_tiny, x, y, radius)
+    adv, _, _ = pgd_l2(trained_tiny, x, y, radius, steps=100)
     assert ((adv - x).flatten(1).norm(dim=1) <= radius * (1 + 1e-5)).all()
-    stronger = pgd_l2(trained_tiny, x, y, 2 * radius)
+    stronger, _, _ = pgd_l2(trained_tiny, x, y, 2 * radius, steps=100)
     with torch.no_grad():
         assert (trained_tiny(adv).argmax(1) == y).all()
         assert (trained_tiny(stronger).argmax(1) != y).float().mean() > 0.5

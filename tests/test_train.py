@@ -1,5 +1,6 @@
 """The training worker without Ray: its config, materialisation, resume, and its errors."""
 
+import dataclasses
 import json
 import math
 import re
@@ -12,15 +13,17 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from lipnext import LipNeXt, checkpoint, preset
 from lipnext.augment import AUGMENTATIONS, Augmentation
+from lipnext.certify import Certificate
 from lipnext.checkpoint import CheckpointError, latest, load_model, verify
 from lipnext.loader import ShardLoader
-from lipnext.metrics import ACCURACIES, CLEAN_ACC, EPOCH, LIPSCHITZ_BOUND, ORTHO_ERROR, STEP, TRAIN_LOSS, cra
+from lipnext.metrics import ACCURACIES, AUDIT_FLIPS, AUDIT_POINTS, CLEAN_ACC, EPOCH, LIPSCHITZ_BOUND, ORTHO_ERROR, STEP, TRAIN_LOSS, cra
 from lipnext.parallelize import apply_fsdp, materialize
 from lipnext.ranks import run_ranks
 from lipnext.train import (
     Diverged,
     LocalSession,
     NonFiniteStep,
+    Unsound,
     build_model,
     build_optimizer,
     evaluate,
@@ -184,6 +187,28 @@ def test_a_diverging_run_stops_at_the_step_whose_loss_is_not_finite(digits_shard
     assert str(raised.value) == "train/loss is nan in epoch 1 (step 2, lr 1e+09): the trial diverged"
     assert raised.value.report.keys() == {EPOCH, STEP, TRAIN_LOSS} and math.isnan(raised.value.report[TRAIN_LOSS])
     assert session.history == []  # no report of the diverged epoch's NaN weights
+
+
+def test_every_evaluation_audits_its_certificate_and_an_unsound_one_stops_the_run(digits_shards, tmp_path, monkeypatch):
+    """The audit's metrics come with each evaluation's CRA; with radii three times what
+    the certificate proves, the first evaluation's audit flips points inside them, the
+    run stops there with the points saved, and no report of that epoch is made."""
+    config = TrainConfig(
+        model=preset("tiny"), data=DataConfig(uri=digits_shards, batch_size=100), epochs=2,
+        checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt")),
+    )  # fmt: skip
+    session = LocalSession(config.checkpoint)
+    train(config, session)
+    audited = [r for r in session.history if CLEAN_ACC in r]
+    assert len(audited) == 2 and all(r[AUDIT_FLIPS] == 0 and r[AUDIT_POINTS] > 0 for r in audited)
+
+    radius = Certificate.radius
+    monkeypatch.setattr(Certificate, "radius", lambda self, logits, labels: 3 * radius(self, logits, labels))
+    config = dataclasses.replace(config, checkpoint=CheckpointConfig(dir=str(tmp_path / "inflated")))
+    session = LocalSession(config.checkpoint)
+    with pytest.raises(Unsound, match=r"flipped inside their certified radius .* saved to .*unsound\.pt \(epoch 1\)"):
+        train(config, session)
+    assert (tmp_path / "inflated" / "unsound.pt").exists() and session.history == []
 
 
 def test_data_that_does_not_fit_the_model_is_refused_naming_the_field(digits_shards, tmp_path):

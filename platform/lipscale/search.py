@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from lipnext.metrics import DIVERGED, EPOCH, is_metric
+from lipnext.metrics import EPOCH, STOPPED, is_metric
 from lipscale.keys import FAIL_REASON_ATTR, METRICS_ATTR, NUMBER_KEY, PARAMS_KEY, RUN_ATTR, TRIAL_KEY
 from lipscale.spec import Spec
 from lipscale.store import Store, distributions
@@ -64,8 +64,8 @@ class StudySearch(OptunaSearch):
         if result:
             metrics = {k: v for k, v in result.items() if is_metric(k) or k == EPOCH}
             self.store.set_trial_attrs(ot_trial.number, {METRICS_ATTR: metrics})
-        if result and DIVERGED in result:
-            self.store.set_trial_attrs(ot_trial.number, {FAIL_REASON_ATTR: result[DIVERGED]})
+        if reason := next((result[k] for k in STOPPED if k in result), None) if result else None:
+            self.store.set_trial_attrs(ot_trial.number, {FAIL_REASON_ATTR: reason})
             self._ot_study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
             self._completed_trials.add(trial_id)
             return

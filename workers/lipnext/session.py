@@ -22,6 +22,8 @@ class LocalSession:
     def __init__(self, config: CheckpointConfig):
         self.config = config
         self.history: list[dict] = []
+        self.artifact_dir = Path(config.dir) if config.dir else None
+        """Where a run's findings go (the points of an unsound certificate); None: nowhere."""
 
     @contextlib.contextmanager
     def checkpoint_to_restore(self):
@@ -41,12 +43,13 @@ class RaySession:
     """Inside Ray: report through `api`, checkpoints handed to Ray, which merges
     the ranks' shard files into the run's storage. `api` is ray.train in a Ray
     Train worker (the default), ray.tune in a Tune trial that trains in its own
-    process (no worker group to start)."""
+    process (no worker group to start). `artifact_dir`: where a run's findings go (a
+    Tune trial's directory; Ray Train v2 workers have none to ask for)."""
 
-    def __init__(self, api=None):
+    def __init__(self, api=None, artifact_dir: Path | None = None):
         if api is None:
             import ray.train as api
-        self.api = api
+        self.api, self.artifact_dir = api, artifact_dir
 
     @contextlib.contextmanager
     def checkpoint_to_restore(self):

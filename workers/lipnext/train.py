@@ -10,7 +10,8 @@ one rank, then materialised: the same weights as an unsharded init with the
 same seed), `build_optimizer` (the manifold optimizer from OptimConfig) and
 `train_step` (forward, offset cross-entropy, backward, clipping, optimizer
 step). `train` loops over them, evaluates certified accuracy (lipnext.certify)
-and checkpoints with DCP (lipnext.checkpoint). A session is the edge
+audits each certificate (lipnext.audit) and checkpoints with DCP
+(lipnext.checkpoint). A session is the edge
 (lipnext.session): where checkpoints go and where metrics are reported (Ray,
 or the console and a local directory).
 """
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lipnext import checkpoint
+from lipnext.audit import UnsoundCertificate, audit, audit_sample
 from lipnext.augment import Augmentation
 from lipnext.certify import Certificate, accuracies, certified_counts, offset_cross_entropy
 from lipnext.config import PRESETS, LipNeXtConfig, preset
@@ -51,6 +53,7 @@ from lipnext.metrics import (
     TRAIN_LR,
     TRAIN_SAMPLES,
     TRAIN_SAMPLES_PER_S,
+    UNSOUND,
 )
 from lipnext.model import LipNeXt, train_flops_per_sample
 from lipnext.parallelize import apply_fsdp, materialize
@@ -60,14 +63,28 @@ from lipnext.train_config import CheckpointConfig, DataConfig, Device, OptimConf
 log = logging.getLogger("lipnext.train")
 
 
-class Diverged(ArithmeticError):
-    """The training loss (or its gradient) stopped being finite: a rerun from the last
-    checkpoint would diverge again at the same step (training is deterministic)."""
+class Stopped(Exception):
+    """A trial that cannot go on: a rerun from its last checkpoint would stop the same
+    way (training is deterministic). Its last report carries the reason under `key`."""
+
+    key: str
 
     def __init__(self, reason: str, report: dict):
         super().__init__(reason)
         self.report = report
-        """The diverged step's report (epoch, step, train/loss)."""
+        """The stopping epoch's report (epoch, step; train/loss for a divergence)."""
+
+
+class Diverged(Stopped, ArithmeticError):
+    """The training loss (or its gradient) stopped being finite."""
+
+    key = DIVERGED
+
+
+class Unsound(Stopped):
+    """The audit flipped a point inside its certified radius (lipnext.audit.UnsoundCertificate)."""
+
+    key = UNSOUND
 
 
 class NonFiniteStep(ArithmeticError):
@@ -157,11 +174,17 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model: LipNeXt, loader: ShardLoader, device: torch.device) -> dict:
+def evaluate(
+    model: LipNeXt, loader: ShardLoader, device: torch.device,
+    sample: tuple[torch.Tensor, torch.Tensor] | None = None, save_to=None,
+) -> dict:  # fmt: skip
     """Clean accuracy and CRA over this rank's share, summed over ranks, with the
     certificate's Lipschitz bound and orthogonality error: exactly what
     lipnext.certify gives for the same model and data (one Certificate, one Gram
-    matrix per orthogonal matrix, per evaluation).
+    matrix per orthogonal matrix, per evaluation). With an audit `sample` (the
+    same points on every rank), the same certificate is attacked there
+    (lipnext.audit); a flip inside a radius raises UnsoundCertificate, the points
+    saved to `save_to`.
 
     Always fp32: the certificate is computed from the fp32 weights, and a
     bf16 forward would use weights rounded off the manifold (~1e-2 here)."""
@@ -177,13 +200,18 @@ def evaluate(model: LipNeXt, loader: ShardLoader, device: torch.device) -> dict:
         samples += len(labels)
     elapsed = _all_reduce_sum([time.perf_counter() - start], device)[0] / max(1, _world())
     n, *certified = _all_reduce_sum([samples, *counts.tolist()], device)
-    model.train(training)
-    return {
+    report = {
         **accuracies(certified, n),
         EVAL_SAMPLES_PER_S: n / elapsed,
         LIPSCHITZ_BOUND: certificate.lipschitz,
         ORTHO_ERROR: certificate.ortho_error,
     }
+    if sample is not None:
+        x, y = (t.to(device) for t in sample)
+        radius = certificate.radius(model(x).float(), y)
+        report.update(audit(model, x, y, radius, certificate.feature_lipschitz, save_to))
+    model.train(training)
+    return report
 
 
 def _world() -> int:
@@ -211,6 +239,7 @@ def train(config: TrainConfig, session) -> dict:
     augment = config.data.augment
     train_loader = ShardLoader(dataset, "train", batch, shuffle=True, drop_last=True, augment=augment, **common)
     test_loader = ShardLoader(dataset, "test", batch, shuffle=False, **common)
+    sample = audit_sample(dataset, config.audit_points, config.seed) if config.audit_points else None
 
     # FSDP2 only with more than one rank.
     mesh = init_device_mesh(device.type, (world,)) if world > 1 else None
@@ -262,8 +291,12 @@ def train(config: TrainConfig, session) -> dict:
         }
         last = progress.epoch == config.epochs
         if last or progress.epoch % config.eval_every_epochs == 0:
-            with optimizer.ema_weights():
-                metrics.update(evaluate(model, test_loader, device))
+            save_to = session.artifact_dir / "unsound.pt" if rank == 0 and session.artifact_dir else None
+            try:
+                with optimizer.ema_weights():
+                    metrics.update(evaluate(model, test_loader, device, sample, save_to))
+            except UnsoundCertificate as e:  # every rank audits the same points: all are here
+                raise Unsound(f"{e} (epoch {progress.epoch})", {EPOCH: progress.epoch, STEP: progress.step}) from None
         every = config.checkpoint.every_epochs
         with session.checkpoint_dir(progress.step) as directory:
             saved = None
@@ -293,13 +326,14 @@ def _diverged(step: NonFiniteStep, epoch: int, number: int, lr: float, device) -
 
 
 def train_in_ray(config: TrainConfig, session: RaySession) -> None:
-    """train(), with a divergence reported as the trial's last result instead of raised:
-    Ray would retry a failed trial from its last checkpoint, to diverge again."""
+    """train(), with a divergence or an unsound certificate reported as the trial's last
+    result instead of raised: Ray would retry a failed trial from its last checkpoint,
+    to stop again at the same step."""
     try:
         train(config, session)
-    except Diverged as e:
+    except Stopped as e:
         log.error("%s", e)
-        session.report({**e.report, DIVERGED: str(e)}, None)
+        session.report({**e.report, e.key: str(e)}, None)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -346,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     rank = _rank()  # before the process group goes
     try:
         metrics = train(config, LocalSession(config.checkpoint))
-    except (DataError, Diverged) as e:  # bad data, or a run that cannot go on: one line, no traceback
+    except (DataError, Stopped) as e:  # bad data, or a run that cannot go on: one line, no traceback
         raise SystemExit(f"error: {e}") from None
     finally:
         if torchrun:

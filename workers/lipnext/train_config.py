@@ -121,6 +121,8 @@ class TrainConfig:
     epochs: int = 10
     eval_every_epochs: int = 1
     """Evaluate on the test split every k epochs, and always after the last."""
+    audit_points: int = 64
+    """Test points whose certificates every evaluation attacks with PGD (lipnext.audit); 0 disables."""
     seed: int = 0
     precision: Precision = "fp32"
     """'fp32' or 'bf16' (bf16 compute; fp32 weights, gradient reduction and optimizer state)."""
@@ -130,6 +132,7 @@ class TrainConfig:
     def __post_init__(self):
         require(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "be positive", self.epochs)
         _require_count("eval_every_epochs", self.eval_every_epochs, 1)
+        _require_count("audit_points", self.audit_points, 0)
         require_choice("precision", self.precision, Precision)
         require_choice("device", self.device, Device)
 
