@@ -316,7 +316,8 @@ class ManifoldAdamW(torch.optim.Optimizer):
                 fn(manifold_of(group, params[i].shape), states[i], grad, **dict(zip(fields[i], tensors)))
             n = len(fields[0])  # the gradient (last) does not go back
             back = {j: tensors[:n] for j, tensors in whole.items()}
-            returned = scatter_from_owners(back, [s[:n] for s in shapes], owners, torch.float32, group=pg)
+            device = local[0][0].device
+            returned = scatter_from_owners(back, [s[:n] for s in shapes], owners, torch.float32, device, group=pg)
             for i, shards in zip(bucket, returned):
                 for target, shard in zip(fields[i].values(), shards):
                     _local(target).copy_(shard)
