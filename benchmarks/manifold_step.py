@@ -24,7 +24,8 @@ from torch.nn.utils import parametrize
 
 from lipnext import LipNeXt, preset
 from lipnext.certify import orthogonality_error
-from lipnext.manifold import ManifoldAdamW, param_groups, polar
+from lipnext.manifold import ManifoldAdamW, param_groups
+from lipnext.orthogonal import polar
 
 # Two width-1024 blocks on a 16x16 token grid, 64 images: 64 * 256 = 16,384 tokens.
 CONFIG = preset("cifar-l8w256", width=1024, depth=2, patch_size=2)

@@ -17,16 +17,8 @@ from torch.distributed.fsdp import fully_shard
 
 from lipnext import LipNeXt, preset
 from lipnext.certify import certified_accuracies, certified_radius, orthogonality_error
-from lipnext.manifold import (
-    FAST_EXP_ORDERS,
-    Euclidean,
-    ManifoldAdamW,
-    Stiefel,
-    fast_exp,
-    param_groups,
-    polar,
-    skew,
-)
+from lipnext.manifold import Euclidean, ManifoldAdamW, Stiefel, param_groups
+from lipnext.orthogonal import FAST_EXP_ORDERS, fast_exp, polar, skew
 
 f64 = dict(dtype=torch.float64)
 SHAPES = {"square": (8, 8), "wide": (6, 10), "tall": (10, 6)}
