@@ -8,9 +8,12 @@ objects (Euclidean, Stiefel); `ManifoldAdamW` is generic over them: Adam
 moments of the manifold's direction, a retraction, Manifold Lookahead and
 re-projection are the same code for every parameter.
 
-Under FSDP2 the orthogonal matrices are DTensor row shards; a matrix
-function of a shard is meaningless, so each matrix is gathered whole to one
-owner rank, updated there and scattered back (lipnext.owner_exchange).
+Orthogonal matrices of one shape are updated together, as stacks (k, n, m):
+batched matmuls, and one host sync per stack where a size picks the
+algorithm (lipnext.orthogonal). Under FSDP2 they are DTensor row shards; a
+matrix function of a shard is meaningless, so each matrix is gathered whole
+to one owner rank, straight into its stack, updated there and scattered
+back (lipnext.owner_exchange).
 """
 
 import contextlib
@@ -107,6 +110,10 @@ def _zeros(p: torch.Tensor, shape) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.float32, device=p.device)
 
 
+STATE_FIELDS = ("exp_avg", "exp_avg_sq", "slow", "lookahead_sum", "ema")
+"""ManifoldAdamW's matrix-shaped state, in the order it travels."""
+
+
 def exchange_buckets(sizes: list[int], budget_bytes: float) -> list[list[int]]:
     """Consecutive groups of matrices whose whole tensors (`sizes` in bytes,
     all fields) add up to at most budget_bytes; a larger matrix goes alone."""
@@ -195,10 +202,9 @@ class ManifoldAdamW(torch.optim.Optimizer):
         return state
 
     @staticmethod
-    def _fields(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
-        """The weight and every matrix-shaped state tensor, by name."""
-        keys = ("exp_avg", "exp_avg_sq", "slow", "lookahead_sum", "ema")
-        return {"w": p, **{k: state[k] for k in keys if k in state}}
+    def _fields(p: torch.Tensor, state: dict, names=STATE_FIELDS) -> dict[str, torch.Tensor]:
+        """The weight and the matrix-shaped state tensors among `names`, by name."""
+        return {"w": p, **{k: state[k] for k in names if k in state}}
 
     @staticmethod
     def _update(
@@ -232,40 +238,67 @@ class ManifoldAdamW(torch.optim.Optimizer):
             if t is not None:
                 t.copy_(manifold.project(t))
 
-    def _for_each_whole(self, group: dict, params: list, fn, with_grad: bool) -> None:
-        """fn(manifold, state, grad, **fields) for each matrix with whole
-        tensors: on the matrix's owner rank when the matrices are sharded,
-        after which the fields (not the gradient) go back to the shards."""
+    def _for_each_stack(self, group: dict, params: list, fn, names=STATE_FIELDS, with_grad: bool = False) -> None:
+        """fn(manifold, step, grad, **fields) on stacks (k, *shape) of whole
+        matrices that share a shape and a step count, after which the fields
+        (not the gradient) go back to the parameters and their state.
+
+        Sharded matrices are gathered to their owner ranks straight into the
+        stacks and scattered back after; whole ones are stacked by copying (a
+        lone matrix is a view, no copy). Either way about `exchange_bucket_mb`
+        of whole tensors per rank exist at a time.
+        """
         if not params:
             return
         states = [self._state(p, group) for p in params]
-        fields = [self._fields(p, s) for p, s in zip(params, states)]
-        if not _is_sharded(params[0]):
-            for p, state, f in zip(params, states, fields):
-                fn(manifold_of(group, p.shape), state, p.grad if with_grad else None, **f)
-            return
-        pg = params[0].device_mesh.get_group()
-        world = torch.distributed.get_world_size(pg)
+        fields = [self._fields(p, s, names) for p, s in zip(params, states)]
         sent = [[*f.values(), p.grad] if with_grad else list(f.values()) for p, f in zip(params, fields)]
+        n = len(fields[0])  # the gradient (last) does not go back
+        sharded = _is_sharded(params[0])
+        pg = params[0].device_mesh.get_group() if sharded else None
+        world, rank = (torch.distributed.get_world_size(pg), torch.distributed.get_rank(pg)) if sharded else (1, 0)
         # Owners balance the work over all matrices; buckets only bound memory.
         all_owners = assign_owners([max(p.shape) for p in params], world)
-        sizes = [4 * sum(t.numel() for t in fields) for fields in sent]  # fp32, global shapes
+        sizes = [4 * sum(t.numel() for t in tensors) for tensors in sent]  # fp32, global shapes
         for bucket in exchange_buckets(sizes, group["exchange_bucket_mb"] * 2**20 * world):
-            shapes = [[tuple(t.shape) for t in sent[i]] for i in bucket]
-            owners = [all_owners[i] for i in bucket]
-            local = [[_local(t).float() for t in sent[i]] for i in bucket]
-            whole = gather_to_owners(local, shapes, owners, group=pg)
-            for j, tensors in whole.items():
-                i = bucket[j]
-                grad = tensors[-1] if with_grad else None
-                fn(manifold_of(group, params[i].shape), states[i], grad, **dict(zip(fields[i], tensors)))
-            n = len(fields[0])  # the gradient (last) does not go back
-            back = {j: tensors[:n] for j, tensors in whole.items()}
-            device = local[0][0].device
-            returned = scatter_from_owners(back, [s[:n] for s in shapes], owners, torch.float32, device, group=pg)
-            for i, shards in zip(bucket, returned):
-                for target, shard in zip(fields[i].values(), shards):
-                    _local(target).copy_(shard)
+            by_key = {}
+            for j, i in enumerate(bucket):
+                if all_owners[i] == rank:
+                    by_key.setdefault((tuple(params[i].shape), int(states[i]["step"])), []).append(j)
+            if sharded:
+                shapes = [[tuple(t.shape) for t in sent[i]] for i in bucket]
+                device = _local(params[bucket[0]]).device
+                stacks = {
+                    key: [torch.empty((len(js), *shape), dtype=torch.float32, device=device) for shape in shapes[js[0]]]
+                    for key, js in by_key.items()
+                }
+                out = {j: [stack[m] for stack in stacks[key]] for key, js in by_key.items() for m, j in enumerate(js)}
+                owners = [all_owners[i] for i in bucket]
+                local = [[_local(t).float() for t in sent[i]] for i in bucket]
+                gather_to_owners(local, shapes, owners, group=pg, out=out)
+            else:
+                stacks = {
+                    key: [
+                        torch.stack(ts) if len(ts) > 1 else ts[0].unsqueeze(0)
+                        for ts in zip(*(sent[bucket[j]] for j in js))
+                    ]
+                    for key, js in by_key.items()
+                }
+            for (shape, step), stack in stacks.items():
+                grad = stack[-1] if with_grad else None
+                fn(manifold_of(group, shape), step, grad, **dict(zip(fields[bucket[0]], stack[:n])))
+            if sharded:
+                back = {j: tensors[:n] for j, tensors in out.items()}
+                returned = scatter_from_owners(back, [s[:n] for s in shapes], owners, torch.float32, device, group=pg)
+                for i, shards in zip(bucket, returned):
+                    for target, shard in zip(fields[i].values(), shards):
+                        _local(target).copy_(shard)
+            else:
+                for key, js in by_key.items():
+                    if len(js) > 1:
+                        for m, j in enumerate(js):
+                            for target, new in zip(fields[bucket[j]].values(), stacks[key]):
+                                target.copy_(new[m])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -278,15 +311,15 @@ class ManifoldAdamW(torch.optim.Optimizer):
             for p in params:
                 self._state(p, group)["step"] += 1
 
-            def update(manifold, state, grad, **fields):
-                self._update(manifold, group, int(state["step"]), grad, **fields)
+            def update(manifold, step, grad, **fields):
+                self._update(manifold, group, step, grad, **fields)
 
             if group["manifold"] == "euclidean":  # elementwise: shards update in place
                 for p in params:
                     fields = {k: _local(t) for k, t in self._fields(p, self.state[p]).items()}
-                    update(Euclidean(), self.state[p], _local(p.grad), **fields)
+                    update(Euclidean(), int(self.state[p]["step"]), _local(p.grad), **fields)
             else:
-                self._for_each_whole(group, params, update, with_grad=True)
+                self._for_each_stack(group, params, update, with_grad=True)
         return loss
 
     @contextlib.contextmanager
@@ -314,7 +347,7 @@ class ManifoldAdamW(torch.optim.Optimizer):
         manifold now, e.g. at the end of an epoch."""
         for group in self.param_groups:
             if group["manifold"] == "stiefel":
-                self._for_each_whole(
-                    group, list(group["params"]), lambda manifold, state, grad, **f: self._project(manifold, **f),
-                    with_grad=False,
+                self._for_each_stack(
+                    group, list(group["params"]), lambda manifold, step, grad, **f: self._project(manifold, **f),
+                    names=("slow", "ema"),
                 )

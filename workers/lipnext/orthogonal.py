@@ -1,6 +1,10 @@
 """Matrix functions of the orthogonal group: the skew part, the exponential
 by a Taylor polynomial sized to its argument (FastExp), and the polar
 projection. Plain torch; lipnext.manifold applies them to the weights.
+
+Each takes one matrix (n, m) or a stack (k, n, m) of matrices of one shape,
+which it treats together: batched matmuls, and a single host sync per stack
+where a size decides the algorithm (a Taylor order, an iteration's end).
 """
 
 import torch
@@ -26,7 +30,8 @@ def fast_exp(a: torch.Tensor) -> torch.Tensor:
     of matrix_exp (benchmarks/manifold_step.py).
     """
     a2 = a @ a
-    rho = torch.linalg.matrix_norm(a2).sqrt().item()
+    # The stack's largest rho sets everyone's order: one host sync, and a higher order only adds accuracy.
+    rho = torch.linalg.matrix_norm(a2).max().sqrt().item()
     for limit, order in FAST_EXP_ORDERS:
         if rho < limit:
             out = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) + a + a2 / 2
@@ -42,15 +47,16 @@ def polar(w: torch.Tensor, tol: float = 1e-12, max_iter: int = 30) -> torch.Tens
     """The nearest matrix with orthonormal rows (wide) or columns (tall), in
     float64. Newton-Schulz X <- X (3I - X^T X) / 2 (3 matmuls, converges
     quadratically from a near-orthogonal X, as between two projections); an
-    SVD when X is too far off for it to converge."""
+    SVD when X is too far off for it to converge. A stack iterates until its
+    worst matrix has converged."""
     x = w.double()
-    tall = x.shape[0] >= x.shape[1]
+    tall = x.shape[-2] >= x.shape[-1]
     if not tall:
         x = x.mT
-    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
     for _ in range(max_iter):
         gram = x.mT @ x
-        err = torch.linalg.matrix_norm(gram - eye).item()
+        err = torch.linalg.matrix_norm(gram - eye).max().item()
         if err < tol:
             break
         if err > 0.5:

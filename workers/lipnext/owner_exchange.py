@@ -71,10 +71,15 @@ def _exchange(send: list[list[torch.Tensor]], recv_lens: list[int], dtype, devic
 
 
 def gather_to_owners(
-    local: list[list[torch.Tensor]], shapes: list[list[Shape]], owners: list[int], group=None
+    local: list[list[torch.Tensor]],
+    shapes: list[list[Shape]],
+    owners: list[int],
+    group=None,
+    out: dict[int, list[torch.Tensor]] | None = None,
 ) -> dict[int, list[torch.Tensor]]:
     """Matrix i's fields, each given as this rank's row shard of global shape
-    shapes[i][f], arrive whole on rank owners[i]: {i: [field, ...]} there."""
+    shapes[i][f], arrive whole on rank owners[i]: {i: [field, ...]} there,
+    written into out[i] when given (e.g. slices of a stack of matrices)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     mine = [i for i, o in enumerate(owners) if o == rank]
     dtype, device = local[0][0].dtype, local[0][0].device
@@ -84,11 +89,13 @@ def gather_to_owners(
         _pack(local[i], shapes[i], world, piece)
         send[owner].append(piece)
     received = _exchange(send, [sum(_piece_len(shapes[i], world) for i in mine)] * world, dtype, device, group)
-    full = {i: [] for i in mine}
+    if out is None:
+        out = {i: [torch.empty(shape, dtype=dtype, device=device) for shape in shapes[i]] for i in mine}
     for source, buf in enumerate(received):
         for i, piece in zip(mine, buf.split([_piece_len(shapes[i], world) for i in mine])):
-            full[i].append(_unpack(piece, shapes[i], world, source))
-    return {i: [torch.cat(rows) for rows in zip(*per_source)] for i, per_source in full.items()}
+            for whole, rows in zip(out[i], _unpack(piece, shapes[i], world, source)):
+                whole[shard_rows(whole.shape[0], world, source)] = rows
+    return out
 
 
 def scatter_from_owners(
