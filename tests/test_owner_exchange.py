@@ -24,7 +24,8 @@ def _round_trip(default_device: str):
     local = [[t[shard_rows(t.shape[0], world, rank)] for t in fields] for fields in _matrices()]
     with torch.device(default_device):
         whole = gather_to_owners(local, SHAPES, OWNERS)
-        back = scatter_from_owners({i: [-t for t in f] for i, f in whole.items()}, SHAPES, OWNERS, torch.float32, torch.device("cpu"))
+        negated = {i: [-t for t in fields] for i, fields in whole.items()}
+        back = scatter_from_owners(negated, SHAPES, OWNERS, torch.float32, torch.device("cpu"))
     return whole, back
 
 

@@ -2,8 +2,11 @@
 
 Orthogonal weights are neither constrained nor re-parametrised: each step
 moves them along the manifold, W <- W exp(A) with A skew-symmetric, so they
-stay orthogonal up to the truncation of the exponential and fp32 rounding,
-which a periodic polar projection removes. Geometry lives in manifold
+stay orthogonal up to the truncation of the exponential and rounding, which
+the polar projection removes (`ManifoldAdamW.project()`, at every epoch end
+and before every evaluation and checkpoint). Low precision is for the
+increments only: the direction and the powers of A in bfloat16, the step
+W + W (exp(A) - I) accumulated in the weights' fp32. Geometry lives in manifold
 objects (Euclidean, Stiefel); `ManifoldAdamW` is generic over them: Adam
 moments of the manifold's direction, a retraction, Manifold Lookahead and
 re-projection are the same code for every parameter.
@@ -17,13 +20,17 @@ back (lipnext.owner_exchange).
 """
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
 
 from lipnext.layers import OrthogonalLinear
-from lipnext.orthogonal import fast_exp, polar, skew
+from lipnext.orthogonal import EXP_SIZINGS, expm1, polar, skew
 from lipnext.owner_exchange import assign_owners, gather_to_owners, scatter_from_owners
+
+INCREMENT_DTYPES = ("bfloat16", "float32")
+
 
 class Euclidean:
     """Unconstrained parameters: the direction is the gradient, steps add."""
@@ -56,33 +63,56 @@ class Stiefel:
     reference's update, with direction skew(W^T G)); W <- exp(A) W, A in
     so(out), when the columns are (direction skew(G W^T)). Both are steepest
     descent: d/dt loss(W exp(tA)) = <skew(W^T G), A>.
+
+    The matmuls of the directions and of the powers of A run in
+    `increment_dtype` (None: the weights' own); the retraction adds the
+    increment W (exp(A) - I) to W in W's dtype. `exp_sizing` picks FastExp's
+    rule (lipnext.orthogonal.exp_order). Every operation takes one matrix or
+    a stack of them.
     """
 
     name = "stiefel"
 
-    def __init__(self, shape):
+    def __init__(self, shape, increment_dtype: torch.dtype | None = None, exp_sizing: str = "rho"):
         self.left = shape[0] > shape[1]
+        self.increment_dtype, self.exp_sizing = increment_dtype, exp_sizing
 
     def algebra_shape(self, shape) -> tuple[int, int]:
         return (max(shape), max(shape))
 
+    def _low(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.increment_dtype is None else t.to(self.increment_dtype)
+
     def direction(self, w, grad):
-        return skew(grad @ w.mT) if self.left else skew(w.mT @ grad)
+        """In w's dtype (exactly skew: the skew part is taken in the low one)."""
+        low_w, grad = self._low(w), self._low(grad)
+        return (skew(grad @ low_w.mT) if self.left else skew(low_w.mT @ grad)).to(w.dtype)
 
     def retract(self, w, step):
-        return fast_exp(step) @ w if self.left else w @ fast_exp(step)
+        increment = expm1(step, self.increment_dtype, self.exp_sizing).to(w.dtype)
+        return _plus_product(w, increment, w) if self.left else _plus_product(w, w, increment)
 
     def toward(self, x, y):
         """First-order log: the step A with R_x(A) = y + O(||A||^3) for y near x
-        (x^T y = exp(A) = I + A + A^2/2 + ..., whose skew part is A + O(A^3))."""
-        return skew(y @ x.mT) if self.left else skew(x.mT @ y)
+        (x^T y = exp(A) = I + A + A^2/2 + ..., whose skew part is A + O(A^3)),
+        from x^T (y - x), which has that skew part too (x^T x is symmetric) but
+        no identity to cancel, so low precision costs it nothing."""
+        low_x, d = self._low(x), self._low(y - x)
+        return (skew(d @ low_x.mT) if self.left else skew(low_x.mT @ d)).to(x.dtype)
 
     def project(self, w):
         return polar(w)
 
 
+def _plus_product(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """c + a @ b in one call (for one matrix or a stack)."""
+    return torch.addmm(c, a, b) if c.dim() == 2 else torch.baddbmm(c, a, b)
+
+
 def manifold_of(group: dict, shape) -> Euclidean | Stiefel:
-    return Stiefel(shape) if group["manifold"] == "stiefel" else Euclidean()
+    if group["manifold"] == "euclidean":
+        return Euclidean()
+    return Stiefel(shape, getattr(torch, group["increment_dtype"]), group["exp_sizing"])
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -131,6 +161,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_sharded(t) else t
 
 
+def _without_autocast(method):
+    """Runs method with autocast off: under it the fp32 accumulation
+    W + W (exp(A) - I) would run in bf16 (~3e-3 off the manifold per step)."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return method(*args, **kwargs)
+
+    return run
+
+
 class ManifoldAdamW(torch.optim.Optimizer):
     """Adam on manifolds: moments of the manifold's direction, bias-corrected
     step A = -lr m / (sqrt(v) + eps), retraction W <- R_W(A).
@@ -140,14 +182,27 @@ class ManifoldAdamW(torch.optim.Optimizer):
     Euclidean parameters only. Every `lookahead_steps` steps the slow weights
     move by `lookahead_alpha` times the sum of the fast steps - along the
     manifold, X_slow <- X_slow exp(alpha * sum A) - and the fast weights
-    restart from them (0 disables). Every `reorthogonalize_every` steps
-    (0 disables) the orthogonal matrices are projected back onto the manifold
-    (polar factor). Sharded matrices travel to their owners in buckets of
-    about `exchange_bucket_mb` of whole tensors per rank, which bounds the
-    memory the exchange adds. With `ema_decay` > 0 an exponential moving average of
-    the weights moves toward them along the manifold each step
-    (`ema_weights()` swaps it in, e.g. for evaluation). State is fp32
-    whatever the compute dtype.
+    restart from them (0 disables; `sync_lookahead()` does it on demand).
+    Every `reorthogonalize_every` steps (0 disables) the orthogonal matrices
+    are projected back onto the manifold, which bounds their drift between
+    two `project()` calls. Sharded matrices travel to their owners in
+    buckets of about `exchange_bucket_mb` of whole tensors per rank, which
+    bounds the memory the exchange (and stacking) adds. With `ema_decay` > 0
+    an exponential moving average of the weights moves toward them along the
+    manifold each step (`ema_weights()` swaps it in, e.g. for evaluation).
+
+    `increment_dtype` is the dtype of the orthogonal updates' matmuls: the
+    direction skew(W^T G) and the powers of A in exp(A) - I; the weights,
+    the moments, the step A and the accumulation W + W (exp(A) - I) stay
+    fp32. "bfloat16" (AMX on CPUs, tensor cores on GPUs; never TF32) or
+    "float32" (every matmul in fp32). `exp_sizing` picks FastExp's order
+    rule: "rho" (ours) or "frobenius" (the reference's), see
+    lipnext.orthogonal.exp_order. State is fp32 whatever the compute dtype.
+
+    The training loop calls, at every epoch end, `sync_lookahead()` then
+    `project()`, and `project()` again before an evaluation or a checkpoint
+    that does not follow an epoch end: certificates are computed on
+    re-projected weights.
     """
 
     def __init__(
@@ -162,6 +217,8 @@ class ManifoldAdamW(torch.optim.Optimizer):
         reorthogonalize_every: int = 100,
         ema_decay: float = 0.0,
         exchange_bucket_mb: float = 256,
+        increment_dtype: str = "bfloat16",
+        exp_sizing: str = "rho",
     ):
         defaults = dict(
             lr=lr,
@@ -173,6 +230,8 @@ class ManifoldAdamW(torch.optim.Optimizer):
             reorthogonalize_every=reorthogonalize_every,
             ema_decay=ema_decay,
             exchange_bucket_mb=exchange_bucket_mb,
+            increment_dtype=increment_dtype,
+            exp_sizing=exp_sizing,
             manifold="euclidean",
         )
         super().__init__(params, defaults)
@@ -181,6 +240,10 @@ class ManifoldAdamW(torch.optim.Optimizer):
         manifold = group.get("manifold", "euclidean")
         if manifold not in ("euclidean", "stiefel"):
             raise ValueError(f"manifold must be 'euclidean' or 'stiefel', got {manifold!r}")
+        for key, allowed in (("increment_dtype", INCREMENT_DTYPES), ("exp_sizing", EXP_SIZINGS)):
+            value = group.get(key, self.defaults[key])
+            if value not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
         if manifold == "stiefel":  # the default weight_decay is for Euclidean groups only
             if group.get("weight_decay"):
                 raise ValueError("weight_decay would pull orthogonal matrices off their manifold")
@@ -191,7 +254,7 @@ class ManifoldAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             algebra = manifold_of(group, p.shape).algebra_shape(p.shape)
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.tensor(0.0, device="cpu")  # a host count: no device sync to read it
             state["exp_avg"] = _zeros(p, algebra)
             state["exp_avg_sq"] = _zeros(p, algebra)
             if group["lookahead_steps"]:
@@ -212,7 +275,7 @@ class ManifoldAdamW(torch.optim.Optimizer):
     ):
         """One step of one parameter, in place, on whole (or elementwise) tensors."""
         beta1, beta2 = group["betas"]
-        d = manifold.direction(w, grad.to(exp_avg.dtype))
+        d = manifold.direction(w, grad).to(exp_avg.dtype)
         exp_avg.lerp_(d, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(d, d, value=1 - beta2)
         denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
@@ -223,14 +286,18 @@ class ManifoldAdamW(torch.optim.Optimizer):
         if slow is not None:
             lookahead_sum += update
             if step % group["lookahead_steps"] == 0:
-                slow.copy_(manifold.retract(slow, group["lookahead_alpha"] * lookahead_sum))
-                w.copy_(slow)
-                lookahead_sum.zero_()
+                ManifoldAdamW._sync(manifold, group, w, slow, lookahead_sum)
         if ema is not None:
             ema.copy_(manifold.retract(ema, (1 - group["ema_decay"]) * manifold.toward(ema, w)))
         every = group["reorthogonalize_every"]
         if every and step % every == 0:
             ManifoldAdamW._project(manifold, w, slow, ema=ema)
+
+    @staticmethod
+    def _sync(manifold, group: dict, w, slow, lookahead_sum, **_):
+        slow.copy_(manifold.retract(slow, group["lookahead_alpha"] * lookahead_sum))
+        w.copy_(slow)
+        lookahead_sum.zero_()
 
     @staticmethod
     def _project(manifold, w, slow=None, ema=None, **_):
@@ -300,6 +367,7 @@ class ManifoldAdamW(torch.optim.Optimizer):
                             for target, new in zip(fields[bucket[j]].values(), stacks[key]):
                                 target.copy_(new[m])
 
+    @_without_autocast
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -341,10 +409,43 @@ class ManifoldAdamW(torch.optim.Optimizer):
                 for weight, _, saved in swaps:
                     weight.copy_(saved)
 
+    @_without_autocast
     @torch.no_grad()
-    def reorthogonalize(self) -> None:
-        """Project every orthogonal matrix (and its slow copy) onto its
-        manifold now, e.g. at the end of an epoch."""
+    def sync_lookahead(self) -> None:
+        """Manifold Lookahead's sync, now: every slow copy moves by
+        lookahead_alpha times the sum of the fast steps since the last sync,
+        along its manifold (X_slow <- X_slow exp(alpha sum A)); the fast
+        weights restart from it and the sum is reset. The step does this every
+        lookahead_steps steps; LiResNet++ also syncs at every epoch end, which
+        is when the training loop calls this (before project()). A no-op
+        without Lookahead. Under FSDP2 every rank must call it."""
+        for group in self.param_groups:
+            if not group["lookahead_steps"]:
+                continue
+            if group["manifold"] == "euclidean":  # elementwise: shards sync in place
+                for p in group["params"]:
+                    fields = self._fields(p, self._state(p, group), names=("slow", "lookahead_sum"))
+                    self._sync(Euclidean(), group, **{k: _local(t) for k, t in fields.items()})
+            else:
+                def sync(manifold, step, grad, **fields):
+                    self._sync(manifold, group, **fields)
+
+                self._for_each_stack(group, list(group["params"]), sync, names=("slow", "lookahead_sum"))
+
+    @_without_autocast
+    @torch.no_grad()
+    def project(self) -> None:
+        """Projects every orthogonal matrix - the weights, Lookahead's slow
+        copies, the EMA - onto its manifold: the polar factor, computed in
+        float64 (lipnext.orthogonal.polar).
+
+        Afterwards every float32 matrix W of n columns (rows, if wide) has
+        ||W^T W - I||_F <= 1e-6 up to n = 1024 (6.1e-7 there; the float32 floor
+        grows as ~2e-8 sqrt(n)), so the certificate's bound on ||W||_2,
+        sqrt(1 + ||W^T W - I||_F), is within 5e-7 of 1 per matrix
+        (tests/test_manifold.py). It converges from the drift of any number of
+        steps. Call it at every epoch end and before every evaluation and
+        checkpoint; under FSDP2 every rank must call it."""
         for group in self.param_groups:
             if group["manifold"] == "stiefel":
                 self._for_each_stack(
