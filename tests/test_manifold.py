@@ -20,6 +20,7 @@ from torch.distributed.tensor import distribute_tensor
 
 from lipnext import LipNeXt, preset
 from lipnext.certify import certified_accuracies, certified_radius, lipschitz_bound, orthogonality_error
+from lipnext import manifold
 from lipnext.manifold import INCREMENT_DTYPES, Euclidean, ManifoldAdamW, Stiefel, param_groups
 from lipnext.orthogonal import FAST_EXP_ORDERS, PAPER_EXP_ORDERS, exp_order, expm1, fast_exp, polar, skew
 
@@ -198,10 +199,11 @@ def test_tall_and_wide_matrices_stay_on_their_stiefel_manifold():
 
 
 @pytest.mark.parametrize("increment_dtype", INCREMENT_DTYPES)
-def test_a_stack_steps_as_its_matrices_would_one_by_one(increment_dtype):
+def test_a_stack_steps_as_its_matrices_would_one_by_one(increment_dtype, monkeypatch):
     """Three 48 x 48 matrices and a 48 x 12 one, updated as one stack (and a
-    lone matrix) or one by one (a bucket too small for two): the same bits,
-    since their steps all take FastExp's order 2 (a stack takes its largest
+    lone matrix), as stacks of two and one (CPU stacks capped at two matrices'
+    bytes) or one by one (a bucket too small for two): the same bits, since
+    their steps all take FastExp's order 2 (a stack takes its largest
     matrix's order)."""
 
     def run(bucket_mb):
@@ -219,8 +221,11 @@ def test_a_stack_steps_as_its_matrices_would_one_by_one(increment_dtype):
             opt.step()
         return [p.detach().clone() for p in ps] + [opt.state[p][k] for p in ps for k in ("slow", "ema", "exp_avg_sq")]
 
-    for stacked, alone in zip(run(256), run(1e-9)):
-        assert torch.equal(stacked, alone)
+    stacked = run(256)
+    monkeypatch.setattr(manifold, "CPU_STACK_BYTES", 2 * 4 * 7 * 48**2)  # w, grad and 5 state fields, fp32
+    for results in (run(256), run(1e-9)):
+        for got, expected in zip(results, stacked):
+            assert torch.equal(got, expected)
 
 
 def test_sync_lookahead_moves_the_slow_weights_by_alpha_times_the_fast_steps():
