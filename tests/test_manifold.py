@@ -219,11 +219,10 @@ def test_tall_and_wide_matrices_stay_on_their_stiefel_manifold():
 
 @pytest.mark.parametrize("increment_dtype", INCREMENT_DTYPES)
 def test_a_stack_steps_as_its_matrices_would_one_by_one(increment_dtype, monkeypatch):
-    """Three 48 x 48 matrices and a 48 x 12 one, updated as one stack (and a
-    lone matrix), as stacks of two and one (CPU stacks capped at two matrices'
-    bytes) or one by one (a bucket too small for two): the same bits, since
-    their steps all take FastExp's order 2 (a stack takes its largest
-    matrix's order)."""
+    """Three 48 x 48 matrices and a 48 x 12 one, updated one by one (as CPUs
+    do), as one stack and a lone matrix (as GPUs do), or as stacks of two and
+    one (a bucket two matrices wide): the same bits, since their steps all
+    take FastExp's order 2 (a stack takes its largest matrix's order)."""
 
     def run(bucket_mb):
         torch.manual_seed(0)
@@ -240,10 +239,10 @@ def test_a_stack_steps_as_its_matrices_would_one_by_one(increment_dtype, monkeyp
             opt.step()
         return [p.detach().clone() for p in ps] + [opt.state[p][k] for p in ps for k in ("slow", "ema", "exp_avg_sq")]
 
-    stacked = run(256)
-    monkeypatch.setattr(manifold, "CPU_STACK_BYTES", 2 * 4 * 7 * 48**2)  # w, grad and 5 state fields, fp32
-    for results in (run(256), run(1e-9)):
-        for got, expected in zip(results, stacked):
+    alone = run(256)
+    monkeypatch.setattr(manifold, "_stacks_by_copy", lambda device: True)
+    for results in (run(256), run(2 * 4 * 7 * 48**2 / 2**20)):  # w, grad and 5 state fields, fp32
+        for got, expected in zip(results, alone):
             assert torch.equal(got, expected)
 
 

@@ -151,16 +151,19 @@ def _zeros(p: torch.Tensor, shape) -> torch.Tensor:
 STATE_FIELDS = ("exp_avg", "exp_avg_sq", "slow", "lookahead_sum", "ema")
 """ManifoldAdamW's matrix-shaped state, in the order it travels."""
 
-CPU_STACK_BYTES = 8 * 2**20
-"""Most bytes of whole tensors a stack of unsharded CPU matrices holds.
+def _stacks_by_copy(device: torch.device) -> bool:
+    """Whether whole (unsharded) matrices on `device` share stacks, which
+    copies every field in and out: 11 passes over them, and their memory twice.
 
-Stacking them copies every field in and out (11 passes over the tensors),
-which on these CPUs costs more than the per-matrix calls it saves but for
-small matrices (interleaved, one thread: 4 x 1024^2 took 1.12x the time of
-one by one, 8 x 256^2 1.13x, 16 x 128^2 0.78x). On GPUs the copies run at
-HBM speed and stacks save launches and host syncs, so stacks there (and
-sharded ones, gathered straight into place) are bounded by the buckets only.
-"""
+    On these CPUs that costs more than the per-matrix calls it saves but for
+    small matrices (interleaved, one thread: 4 x 1024^2 took 1.12x the time of
+    one by one, 8 x 256^2 1.13x, 16 x 128^2 0.78x) and doubles the peak of a
+    step that the optimizer dominates (batch 1, tests/test_plan.py). On GPUs
+    the copies run at HBM speed and stacks save kernel launches and host
+    syncs (~30 launches and one sync per stack instead of per matrix).
+    Sharded matrices always share stacks: they are gathered straight into them.
+    """
+    return device.type != "cpu"
 
 
 def exchange_buckets(sizes: list[int], budget_bytes: float) -> list[list[int]]:
@@ -337,10 +340,10 @@ class ManifoldAdamW(torch.optim.Optimizer):
         (not the gradient) go back to the parameters and their state.
 
         Sharded matrices are gathered to their owner ranks straight into the
-        stacks and scattered back after; whole ones are stacked by copying (a
-        lone matrix is a view, no copy; on CPUs at most CPU_STACK_BYTES a
-        stack). Either way about `exchange_bucket_mb` of whole tensors per rank
-        exist at a time.
+        stacks and scattered back after; whole ones are stacked by copying,
+        except on CPUs (_stacks_by_copy), where each is a stack of one, a view.
+        Either way about `exchange_bucket_mb` of whole tensors per rank exist
+        at a time.
         """
         if not params:
             return
@@ -372,12 +375,8 @@ class ManifoldAdamW(torch.optim.Optimizer):
                 local = [[_local(t).float() for t in sent[i]] for i in bucket]
                 gather_to_owners(local, shapes, owners, group=pg, out=out)
             else:
-                if params[0].device.type == "cpu":
-                    stacked = [
-                        (key, [js[m] for m in part])
-                        for key, js in stacked
-                        for part in exchange_buckets([sizes[bucket[j]] for j in js], CPU_STACK_BYTES)
-                    ]
+                if not _stacks_by_copy(params[0].device):
+                    stacked = [(key, [j]) for key, js in stacked for j in js]
                 stacks = [[_stack(ts) for ts in zip(*[sent[bucket[j]] for j in js])] for _, js in stacked]
             for ((shape, step), _), stack in zip(stacked, stacks):
                 grad = stack[-1] if with_grad else None
