@@ -212,11 +212,12 @@ class ManifoldAdamW(torch.optim.Optimizer):
     restart from them (0 disables; `sync_lookahead()` does it on demand).
     Every `reorthogonalize_every` steps (0 disables) the orthogonal matrices
     take one Newton-Schulz step back toward the manifold (to ~1e-5 at
-    n = 1024), which bounds their drift between two `project()` calls. Sharded matrices travel to their owners in
-    buckets of about `exchange_bucket_mb` of whole tensors per rank, which
-    bounds the memory the exchange (and stacking) adds. With `ema_decay` > 0
-    an exponential moving average of the weights moves toward them along the
-    manifold each step (`ema_weights()` swaps it in, e.g. for evaluation).
+    n = 1024), which bounds their drift between two `project()` calls.
+    Sharded matrices travel to their owners in buckets of about
+    `exchange_bucket_mb` of whole tensors per rank, which bounds the memory
+    the exchange (and stacking) adds. With `ema_decay` > 0 an exponential
+    moving average of the weights moves toward them along the manifold each
+    step (`ema_weights()` swaps it in, e.g. for evaluation).
 
     `increment_dtype` is the dtype of the orthogonal updates' matmuls: the
     direction skew(W^T G) and the powers of A in exp(A) - I; the weights,
@@ -466,13 +467,14 @@ class ManifoldAdamW(torch.optim.Optimizer):
         copies, the EMA - onto its manifold: the polar factor, computed in
         float64 (lipnext.orthogonal.polar).
 
-        Afterwards every float32 matrix W of n columns (rows, if wide) has
-        ||W^T W - I||_F <= 1e-6 up to n = 1024 (6.1e-7 there; the float32 floor
-        grows as ~2e-8 sqrt(n)), so the certificate's bound on ||W||_2,
-        sqrt(1 + ||W^T W - I||_F), is within 5e-7 of 1 per matrix
-        (tests/test_manifold.py). It converges from the drift of any number of
-        steps. Call it at every epoch end and before every evaluation and
-        checkpoint; under FSDP2 every rank must call it."""
+        Afterwards every float32 matrix W of n columns (rows, if wide) is at
+        the float32 floor, ||W^T W - I||_F ~ 1.9e-8 sqrt(n): <= 1e-6 up to
+        n = 2048 (6.1e-7 at 1024, 8.5e-7 at 2048; 1.2e-6 at 4096), so the
+        certificate's bound on ||W||_2, sqrt(1 + ||W^T W - I||_F), is within
+        3.1e-7 of 1 per matrix at n = 1024 (tests/test_manifold.py). It
+        converges from any drift (Newton-Schulz, or an SVD beyond 0.5). Call it
+        at every epoch end and before every evaluation and checkpoint; under
+        FSDP2 every rank must call it."""
         for group in self.param_groups:
             if group["manifold"] == "stiefel":
                 self._for_each_stack(

@@ -1,6 +1,7 @@
 """Matrix functions of the orthogonal group: the skew part, the exponential
-by a Taylor polynomial sized to its argument (FastExp), and the polar
-projection. Plain torch; lipnext.manifold applies them to the weights.
+by a Taylor polynomial sized to its argument (FastExp), the polar projection
+and a cheap Newton-Schulz step toward it. Plain torch; lipnext.manifold
+applies them to the weights.
 
 Each takes one matrix (n, m) or a stack (k, n, m) of matrices of one shape,
 which it treats together: batched matmuls, and a single host sync per stack
