@@ -4,6 +4,7 @@ orphaned."""
 
 import errno
 import sqlite3
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -14,7 +15,7 @@ import yaml
 from test_spec import small
 
 from lipnext.certify import lipschitz_bound
-from lipnext.checkpoint import load_model
+from lipnext.checkpoint import EXPORT, load_model
 from lipnext.metrics import CONTRACT
 from lipscale import cli, results
 from lipscale.keys import (
@@ -116,6 +117,7 @@ def test_the_best_trials_final_checkpoint_is_an_artifact_of_its_run(finished, tm
         dst_path=str(tmp_path),
         tracking_uri=spec.mlflow_uri,
     )
+    assert sorted(p.name for p in Path(local).iterdir()) == sorted(EXPORT)  # the weights, not the optimizer
     model = load_model(local)
     with torch.no_grad():
         assert lipschitz_bound(model) == pytest.approx(best.user_attrs[METRICS_ATTR]["model/lipschitz_bound"])

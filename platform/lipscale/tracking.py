@@ -35,6 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from lipnext.checkpoint import EXPORT, MODEL
 from lipnext.metrics import EPOCH, TRAIN_LOSS, is_metric
 from lipnext.train_config import TrainConfig
 from lipscale import uris
@@ -180,12 +181,19 @@ class Tracking:
         self.client.set_terminated(run_id, status)
 
     def log_checkpoint(self, run_id: str, uri: str) -> None:
-        """Copies a checkpoint (a local path or s3:// URI) into the run's artifacts, once."""
+        """Copies the files of a final checkpoint (a local path or s3:// URI) that rebuild
+        its model (lipnext.checkpoint.EXPORT: the config and the fp32 weights, ~1/5 of
+        the whole checkpoint, which also holds the optimizer's state) into the run's
+        artifacts, once. A checkpoint without the weights (not a final one) is skipped."""
         if self.client.list_artifacts(run_id, "checkpoint"):
             return
         fs, path = fsspec.core.url_to_fs(uri)
+        if not fs.exists(f"{path.rstrip('/')}/{MODEL}"):
+            log.warning("run %s: %s holds no %s (not a final checkpoint); no model logged", run_id, uri, MODEL)
+            return
         with tempfile.TemporaryDirectory(prefix="lipscale-checkpoint-") as local:
-            fs.get(path.rstrip("/") + "/", local, recursive=True)
+            for name in EXPORT:
+                fs.get(f"{path.rstrip('/')}/{name}", f"{local}/{name}")
             self.client.log_artifacts(run_id, local, "checkpoint")
 
     @contextlib.contextmanager
