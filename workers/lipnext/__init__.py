@@ -4,6 +4,8 @@ One concern per module, torch-only at the bottom, Ray only at the edge:
 
     config, model, layers      the model (LipNeXtConfig, presets, plain PyTorch)
     certify                    its certificate: Certificate, certified_radius, the loss's margin
+    audit                      every evaluation's PGD attack on what it certified; a Lipschitz lower bound
+    orthogonal                 matrix functions: skew, FastExp, polar, a Newton-Schulz step (stacks too)
     manifold, owner_exchange   ManifoldAdamW on the orthogonal manifold; whole matrices on owner ranks
     parallelize                FSDP2 sharding and materialisation of a model built on meta
     metrics                    the names a trial reports (the contract the platform reads)
