@@ -4,6 +4,7 @@ orphaned."""
 
 import errno
 import sqlite3
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -148,7 +149,39 @@ def test_continuing_with_another_search_space_is_refused(finished):
     spec, _, _ = finished
     raw = four_trial_spec(spec.root)
     raw["space"]["model.width"] = [32, 64, 128]
-    with pytest.raises(SpecError, match=r"space: changed since study 'small' began"):
+    with pytest.raises(SpecError, match=r"space.model.width: changed since study 'small' began"):
+        run(parse_spec(raw), resume=True)
+
+
+def _files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_resume_with_a_changed_fixed_field_is_refused_naming_it_and_nothing_is_written(finished):
+    spec, _, _ = finished
+    before = _files(Path(spec.root))
+    raw = four_trial_spec(spec.root)
+    raw["fixed"]["data"]["batch_size"] = 32  # trains otherwise: its trials could not share a law with these
+    with pytest.raises(SpecError) as refused:
+        run(parse_spec(raw), resume=True)
+    message = str(refused.value)
+    assert message.startswith(
+        "fixed.data.batch_size: changed since study 'small' began (fixed.data.batch_size: 64 -> 32)"
+    )
+    assert "optim" not in message and "eval/cra_36" not in message  # what changed, not both whole identities
+    assert _files(Path(spec.root)) == before  # the stores byte for byte, the Tune state, the results
+
+
+@pytest.mark.parametrize("field, value", [("seed", 1), ("dataset", {"name": "digits", "uri": "{root}/data/digits"}),
+                                          ("budget.epochs", 3)])  # fmt: skip
+def test_a_resume_with_another_seed_dataset_or_budget_is_refused_naming_it(finished, field, value):
+    spec, _, _ = finished
+    raw = four_trial_spec(spec.root)
+    if field == "dataset":  # the same digits, given as converted shards: another source of data
+        value = {**value, "uri": value["uri"].format(root=spec.root)}
+    section, _, name = field.rpartition(".")
+    (raw[section] if section else raw)[name] = value
+    with pytest.raises(SpecError, match=rf"^{field}\b.*: changed since study 'small' began"):
         run(parse_spec(raw), resume=True)
 
 
@@ -185,10 +218,14 @@ def test_a_trial_stopped_early_by_the_scheduler_is_pruned(tmp_path):
     study, tracking = store.study, Tracking(spec)
     search = StudySearch(spec, store, tracking, tracking.parent_run(study, spec), 0)
     config = search.suggest("a")
-    search.on_trial_complete("a", {"epoch": 2, "eval/cra_36": 0.5})
-    assert study.trials[config["trial"]["number"]].state == optuna.trial.TrialState.PRUNED
+    search.on_trial_result("a", {"epoch": 1, "training_iteration": 1, "eval/cra_36": 0.3})
+    # The report that made ASHA stop it reaches the searcher only as the trial's last result.
+    search.on_trial_complete("a", {"epoch": 2, "training_iteration": 2, "eval/cra_36": 0.5})
+    pruned = study.trials[config["trial"]["number"]]
+    assert pruned.state == optuna.trial.TrialState.PRUNED
+    assert pruned.value == 0.5 == pruned.user_attrs[METRICS_ATTR]["eval/cra_36"]  # as results.parquet shows it
     search.suggest("b")
-    search.on_trial_complete("b", {"epoch": 4, "eval/cra_36": 0.5})
+    search.on_trial_complete("b", {"epoch": 4, "training_iteration": 4, "eval/cra_36": 0.5})
     assert study.trials[1].state == optuna.trial.TrialState.COMPLETE and study.trials[1].value == 0.5
 
 
