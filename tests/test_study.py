@@ -12,6 +12,7 @@ import pytest
 import ray
 import torch
 import yaml
+from test_design import ladder
 from test_spec import small
 
 from lipnext.certify import lipschitz_bound
@@ -22,6 +23,8 @@ from lipscale.keys import (
     BEST_TRIALS_TAG, CHECKPOINT_ATTR, METRICS_ATTR, PARENT_ATTR, REQUEUED_ATTR, RETRY_OF_ATTR, RUN_ATTR, STATE_TAG,
     TRIAL_TAG,
 )  # fmt: skip
+from lipscale.report.laws import FitOptions, fit_laws, format_fits, targets
+from lipscale.report.rows import LEFT_OUT, SIZE, load_trials
 from lipscale.search import StudySearch
 from lipscale.spec import SpecError, parse_spec
 from lipscale.store import distributions, open_store
@@ -227,6 +230,37 @@ def test_a_trial_stopped_early_by_the_scheduler_is_pruned(tmp_path):
     search.suggest("b")
     search.on_trial_complete("b", {"epoch": 4, "training_iteration": 4, "eval/cra_36": 0.5})
     assert study.trials[1].state == optuna.trial.TrialState.COMPLETE and study.trials[1].value == 0.5
+
+
+def test_a_ladder_fits_each_sizes_best_full_budget_trial_and_no_trial_asha_stopped(local_ray, tmp_path):
+    # Two sizes x two lrs, one trial at a time, in queue order: at each size the good lr reaches
+    # ASHA's rung (epoch 1 of 2) first, the tiny one after it, behind: ASHA stops it there.
+    raw = ladder(tmp_path / "root", sizes=((16, 1), (32, 1)), lrs=(1e-2, 1e-5))
+    raw["budget"] = {"max_concurrent": 1, "epochs": 2}
+    raw["scheduler"] = {"kind": "asha", "metric": "eval/clean_acc", "direction": "maximize", "grace_period": 1,
+                        "reduction_factor": 2}  # fmt: skip
+    spec = parse_spec(raw)
+    study = run(spec)
+
+    by_lr = {(t.params["model.width"], t.params["optim.lr"]): t for t in study.trials}
+    assert {k: t.state.name for k, t in by_lr.items()} == {
+        (32, 1e-2): "COMPLETE", (32, 1e-5): "PRUNED", (16, 1e-2): "COMPLETE", (16, 1e-5): "PRUNED"
+    }  # within its size: one ASHA over both sizes would have set L1W16's good trial against L1W32's
+    table = {row["trial"]: row for row in results.read(spec.root).to_pylist()}
+    for t in study.trials:  # a PRUNED trial's value is its last evaluation, as results.parquet has it
+        assert t.value == table[t.number]["eval/cra_36"]
+
+    trials = load_trials(spec)
+    envelope = trials.envelope
+    assert sorted(envelope[SIZE]) == ["L1W16", "L1W32"]
+    for size, rows in trials.frame.groupby(SIZE):
+        full = rows[(rows["state"] == "COMPLETE") & (rows["epoch"] == 2)]
+        assert envelope.loc[envelope[SIZE] == size, "trial"].item() == full.loc[full["eval/cra_36"].idxmax(), "trial"]
+    pruned = {t.number for t in study.trials if t.state.name == "PRUNED"}
+    assert set(trials.frame.loc[trials.frame["trial"].isin(pruned), LEFT_OUT]) == {"PRUNED at epoch 1 of 2"}
+    fitted = fit_laws(trials, FitOptions(resamples=10))
+    assert fitted and all(set(law.trials) <= set(envelope["trial"]) - pruned for law in fitted)
+    assert "left out of every law: 2 PRUNED at epoch 1 of 2" in format_fits(spec, trials, fitted, [], targets())
 
 
 def test_a_trial_of_two_workers_runs_as_a_ray_train_job(local_ray, tmp_path):

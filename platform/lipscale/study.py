@@ -1,7 +1,7 @@
 """Running a study: Ray Tune trials, sampled by Optuna, tracked in MLflow.
 
     lipscale run studies/specs/digits.yaml       # start, or continue the study of that name
-    lipscale resume studies/specs/digits.yaml    # continue only; refuses a changed search space
+    lipscale resume studies/specs/digits.yaml    # continue only; refuses a spec that trains otherwise
     lipscale status studies/specs/digits.yaml    # the trials in the Optuna storage
 
 The Optuna storage is the source of truth for which trials exist (lipscale.store).
