@@ -1,7 +1,8 @@
-"""Scaling-law study of LipNeXt: width, depth, beta, shift and optimiser
-settings swept by Ray Tune + Optuna, every trial tracked in MLflow.
+"""Scaling-law study of LipNeXt: a ladder of sizes, an IsoFLOP design or an
+Optuna search (the spec's `design`), run by Ray Tune, every trial tracked in
+MLflow.
 
-On a laptop (the default spec, specs/digits.yaml: about 10 minutes on 2 CPU cores):
+On a laptop (the default spec, specs/shapes.yaml, a ladder sized for 12 minutes on 2 CPU cores):
 
     python studies/scaling_law.py
     python studies/scaling_law.py --smoke-test          # two one-epoch trials: seconds
@@ -14,7 +15,8 @@ On a cluster: as a job (its driver runs on the head node), or from a node of it:
 
 Stopped or killed, the same command continues the study from its Optuna
 storage and Ray Tune state; `--resume` insists on continuing (and refuses a
-spec whose search space changed). `lipscale status SPEC` lists the trials.
+spec whose design, space, fixed settings, budget, data or seed changed).
+`lipscale status SPEC` lists the trials.
 """
 
 import sys
@@ -23,4 +25,4 @@ from pathlib import Path
 from lipscale.study import main
 
 if __name__ == "__main__":
-    sys.exit(main(default_spec=str(Path(__file__).parent / "specs" / "digits.yaml"), doc=__doc__))
+    sys.exit(main(default_spec=str(Path(__file__).parent / "specs" / "shapes.yaml"), doc=__doc__))

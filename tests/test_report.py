@@ -28,9 +28,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from servers import _wait_until_answering, free_port
 
-from lipnext.metrics import ACCURACIES, FLOPS_PER_SAMPLE, TRAIN_SAMPLES
+from lipnext.metrics import ACCURACIES, EPOCH, FLOPS_PER_SAMPLE, TRAIN_SAMPLES
 from lipscale.cli import main
-from lipscale.keys import PARENT_ATTR
+from lipscale.keys import FAIL_REASON_ATTR, PARENT_ATTR
 from lipscale.report import figures, laws, plots, rows
 from lipscale.spec import load_spec
 from lipscale.store import open_store
@@ -97,14 +97,19 @@ def _run_cli(argv: list[str]) -> str:
 @pytest.mark.slow
 def test_report_prints_fits_with_intervals_and_the_1b_2b_extrapolation_with_its_warning(reported):
     _, printed = reported
-    assert "report-test: 4 finished trials (4 COMPLETE)" in printed
-    assert f"errors at the last epoch all were evaluated at: {EPOCHS}" in printed  # FIFO: every trial to the end
-    assert (
-        "1 - eval/clean_acc vs N: err = E + A N^-alpha  (90% bootstrap intervals, 50 resamples, 4 trials, 4 distinct N)"
-        in printed
-    )
-    assert "largest N held out: mean |err - fit| =" in printed  # 4 sizes: the largest can be held out
-    assert "imagenet-1b (N = 1.08e+09): err " in printed and "imagenet-2b (N = 2.16e+09): err " in printed
+    assert "report-test (search): 4 finished trials (4 COMPLETE)" in printed
+    # FIFO: every trial to the end, each of its own size: all four are the envelope.
+    assert f"envelope: 4 sizes, each the best by eval/cra_36 (maximize) among those trained to their full budget " \
+           f"({EPOCHS} epochs)" in printed  # fmt: skip
+    assert "left out of every law: none" in printed
+    assert "1 - eval/clean_acc vs N: err = E + A N^-alpha  (90% bootstrap intervals, 50 resamples, 4 sizes)" in printed
+    # 4 sizes: the largest can be held out; the extrapolations stand beside its verdict, with their reach.
+    assert "    largest N held out (L2W64): " in printed
+    verdict = printed.index("    largest N held out (L2W64): ")
+    assert printed[verdict:].split("\n")[0].split(": ", 1)[1].startswith(("inside the 90%", "OUTSIDE the 90%"))
+    assert "imagenet-1b (N = 1.08e+09, " in printed
+    assert "decades beyond the data; beside the verdict above): err " in printed
+    assert "imagenet-2b (N = 2.16e+09, " in printed
     assert "WARNING: the largest trained model has" in printed and "decades" in printed
     # Two epochs certify nothing at eps = 1: a constant, reported, not fitted.
     assert "1 - eval/cra_255 vs N: not fitted: every err equals 1.0" in printed
@@ -114,14 +119,16 @@ def test_report_prints_fits_with_intervals_and_the_1b_2b_extrapolation_with_its_
 def test_report_is_png_and_html_logged_to_the_studys_mlflow_parent_run(study, reported):
     out, _ = reported
     written = sorted(p.name for p in out.iterdir())
-    assert written == sorted(["scaling_params.png", "scaling_compute.png", "cra_vs_eps.png", "pareto.png",
-                              "trials.png", "report.html", "fits.txt"])  # fmt: skip
+    assert written == sorted(["scaling_params.png", "validation.png", "scaling_compute.png", "cra_vs_eps.png",
+                              "shapes.png", "cost.png", "pareto.png", "trials.png", "report.html",
+                              "fits.txt"])  # fmt: skip
     for png in out.glob("*.png"):
         with Image.open(png) as image:
             assert image.format == "PNG" and min(image.size) >= 150
     page = (out / "report.html").read_text()
     assert "<script src=" not in page  # plotly.js is inline: it renders offline
-    assert page.count("Plotly.newPlot") == 4  # scaling in N and in C, CRA against eps, Pareto
+    # scaling in N, its validation, in C, CRA against eps, width against depth, cost, Pareto
+    assert page.count("Plotly.newPlot") == 7
 
     spec = load_spec(study)
     parent = optuna.load_study(study_name=spec.name, storage=spec.optuna_url).user_attrs[PARENT_ATTR]
@@ -157,7 +164,7 @@ def test_compute_is_flops_per_sample_times_the_samples_each_trial_trained_on(stu
     f = trials.frame
     assert list(f[TRAIN_SAMPLES]) == [EPOCHS * steps_per_epoch * BATCH] * len(SHAPES)
     np.testing.assert_allclose(f[rows.COMPUTE], f[FLOPS_PER_SAMPLE] * EPOCHS * steps_per_epoch * BATCH)
-    assert list(f["model"]) == [f"L{d}W{w}" for w, d in SHAPES]
+    assert list(f[rows.SIZE]) == [f"L{d}W{w}" for w, d in SHAPES]
 
 
 @pytest.mark.slow
@@ -175,7 +182,8 @@ def test_without_results_parquet_the_fits_come_from_the_mlflow_child_runs_unchan
 
 def test_compute_is_nan_for_a_trial_that_did_not_report_its_samples(tmp_path):
     spec = load_spec(_write_spec(tmp_path / "root"))
-    frame = pd.DataFrame({"trial": [0, 1], "model.width": [16, 32], "model.depth": [1, 2],
+    frame = pd.DataFrame({"trial": [0, 1], "state": "COMPLETE", EPOCH: EPOCHS,
+                          "model.width": [16, 32], "model.depth": [1, 2],
                           FLOPS_PER_SAMPLE: [10.0, 20.0], TRAIN_SAMPLES: [100, np.nan]})  # fmt: skip
     f = rows.with_derived(spec, frame)
     assert list(f["model"]) == ["L1W16", "L2W32"]
@@ -192,38 +200,40 @@ def test_a_study_that_never_ran_is_an_error_naming_it(tmp_path, capsys):
 
 
 def _trials(state: str = "COMPLETE", **columns) -> rows.Trials:
-    """Rows as load_trials gives them, made by hand: trials in `state` whose metrics,
-    at the end and at the common epoch alike, are the given columns."""
+    """Rows as load_trials gives them, made by hand: trials in `state`, each of its own size,
+    trained for their one epoch, whose metrics are the given columns."""
     n = len(next(iter(columns.values())))
-    at_common = {k + rows.AT_COMMON_EPOCH: v for k, v in columns.items() if k in ACCURACIES}
-    frame = pd.DataFrame({"trial": range(n), "state": state, "model": "L1W16", **columns, **at_common})
-    return rows.Trials(frame, params=[], common_epoch=1, source="rows made by hand", parent_run="none")
+    frame = pd.DataFrame({"trial": range(n), "state": state, rows.SIZE: [f"L1W{16 + i}" for i in range(n)],
+                          rows.WIDTH: [16 + i for i in range(n)], rows.DEPTH: 1, EPOCH: 1, rows.EPOCHS: 1,
+                          **columns})  # fmt: skip
+    frame[rows.LEFT_OUT] = rows.left_out(frame, "eval/cra_36", "maximize")
+    return rows.Trials(frame, params=[], objective=("eval/cra_36", "maximize"), design="search",
+                       source="rows made by hand", parent_run="none")  # fmt: skip
 
 
 SIZES = [4640.0, 9168.0, 17440.0, 34000.0]
 DEGENERATE = {
     "one size": (
-        _trials(
-            **{"model/params": [4640.0] * 4, "compute": [1e9, 2e9, 3e9, 4e9], "eval/clean_acc": [0.3, 0.4, 0.5, 0.6]}
-        ),
+        _trials(**{"model/params": [4640.0] * 4, "compute": [1e9, 2e9, 3e9, 4e9],
+                   "eval/clean_acc": [0.3, 0.4, 0.5, 0.6], "eval/cra_36": [0.1] * 4}),
         "1 - eval/clean_acc vs N: not fitted: n takes 1 distinct values; a saturating power law needs at least 3",
     ),
     "constant metrics": (
-        _trials(**{"model/params": SIZES, "compute": SIZES, "eval/clean_acc": [0.5] * 4}),
+        _trials(**{"model/params": SIZES, "compute": SIZES, "eval/clean_acc": [0.5] * 4, "eval/cra_36": [0.1] * 4}),
         "1 - eval/clean_acc vs N: not fitted: every err equals 0.5: a constant shows no trend to fit",
     ),
     "NaN rows": (
-        _trials(**{"model/params": SIZES, "compute": SIZES, "eval/clean_acc": [0.3, np.nan, np.nan, 0.6]}),
+        _trials(**{"model/params": SIZES, "compute": SIZES, "eval/clean_acc": [0.3, np.nan, np.nan, 0.6],
+                   "eval/cra_36": [0.1] * 4}),
         "1 - eval/clean_acc vs N (2 trials without a finite value left out): not fitted: 2 points cannot determine",
     ),
     "only failed trials": (
         _trials("FAIL", **{"model/params": SIZES, "compute": SIZES, "eval/clean_acc": [0.3, 0.4, 0.5, 0.6]}),
-        "1 - eval/clean_acc vs N: not fitted: no trial finished COMPLETE or PRUNED",
+        "1 - eval/clean_acc vs N: not fitted: the envelope is empty: 4 FAIL",
     ),
     "no metric at all": (
         _trials(**{"model/params": SIZES, "compute": SIZES}),
-        "1 - eval/cra_36 vs N (4 trials without a finite value left out): not fitted: no COMPLETE or PRUNED trial has "
-        "both eval/cra_36 at epoch 1 and model/params",
+        "1 - eval/cra_36 vs N: not fitted: the envelope is empty: 4 no eval/cra_36",
     ),
 }
 
@@ -232,20 +242,96 @@ DEGENERATE = {
 def test_a_study_that_cannot_be_fitted_says_why_and_still_gets_its_report(case, tmp_path):
     trials, reason = DEGENERATE[case]
     spec = load_spec(_write_spec(tmp_path / "root"))
-    fitted = laws.fit_laws(trials, resamples=10)
-    text = laws.format_fits(spec, trials, fitted, laws.targets())
+    fitted = laws.fit_laws(trials, laws.FitOptions(resamples=10))
+    text = laws.format_fits(spec, trials, fitted, [], laws.targets())
     assert reason in text
-    files = figures.write_report(spec, trials, fitted, text, str(tmp_path / "report"))
+    files = figures.write_report(spec, trials, fitted, [], text, str(tmp_path / "report"))
     assert all(f.stat().st_size > 0 for f in files)
 
 
-def test_the_law_in_n_compares_trials_at_the_last_epoch_all_of_them_were_evaluated_at():
-    # ASHA stopped two trials at epoch 3, one at 9; evaluations every 3 epochs, one at the end (10).
-    evaluated = [{3: 0.5}, {3: 0.6}, {3: 0.6, 6: 0.7, 9: 0.8}, {3: 0.6, 6: 0.7, 9: 0.8, 10: 0.85}]
-    assert rows.common_epoch(evaluated) == 3
-    assert rows.common_epoch(evaluated[2:]) == 9
-    assert rows.common_epoch([{2: 0.5}, {3: 0.6}]) is None  # no shared epoch: nothing to compare at
-    assert rows.common_epoch([]) is None
+def test_the_envelope_is_each_sizes_best_trial_among_those_trained_to_their_full_budget():
+    frame = pd.DataFrame({
+        "trial": range(7),
+        "state": ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"],
+        rows.SIZE: ["L4W16", "L4W16", "L4W16", "L4W32", "L4W32", "L4W32", "L4W64"],
+        EPOCH: [10, 10, 5, 10, 3, 10, 10],
+        rows.EPOCHS: 10,
+        "eval/cra_36": [0.2, 0.3, 0.9, 0.4, np.nan, 0.4, np.nan],  # the PRUNED trial led when ASHA stopped it
+        FAIL_REASON_ATTR: [None, None, None, None, "diverged at step 7", None, None],
+    })  # fmt: skip
+    assert rows.left_out(frame, "eval/cra_36", "maximize") == [
+        "not the best L4W16", "", "PRUNED at epoch 5 of 10", "", "FAIL: diverged at step 7",
+        "not the best L4W32",  # of equals, the first
+        "no eval/cra_36",
+    ]  # fmt: skip
+    assert rows.left_out(frame, "eval/cra_36", "minimize")[:2] == ["", "not the best L4W16"]
+    # An IsoFLOP study's envelope is each size's best at each budget.
+    frame[rows.BUDGET] = [1e9, 4e9, 1e9, 1e9, 1e9, 4e9, 1e9]
+    assert rows.left_out(frame, "eval/cra_36", "maximize")[:6] == [
+        "", "", "PRUNED at epoch 5 of 10", "", "FAIL: diverged at step 7", ""
+    ]
+
+
+def test_the_printout_counts_the_trials_left_out_of_every_law_and_why(tmp_path):
+    trials = _trials(**{"model/params": SIZES, "compute": SIZES, "eval/cra_36": [0.1, 0.2, np.nan, 0.3]})
+    trials.frame.loc[3, ["state", EPOCH]] = ["PRUNED", 0]
+    trials.frame[rows.LEFT_OUT] = rows.left_out(trials.frame, "eval/cra_36", "maximize")
+    spec = load_spec(_write_spec(tmp_path / "root"))
+    text = laws.format_fits(spec, trials, laws.fit_laws(trials, laws.FitOptions(resamples=10)), [], laws.targets())
+    assert "envelope: 2 sizes, each the best by eval/cra_36 (maximize) among those trained to their full budget" in text
+    assert "left out of every law: 1 no eval/cra_36, 1 PRUNED at epoch 0 of 1" in text
+
+
+def _isoflop_trials() -> rows.Trials:
+    """Runs at three budgets whose errors, at each, are a parabola in ln N around the
+    compute-optimal N_opt = 0.5 C^0.5, every accuracy alike."""
+    records = []
+    for budget in (1e9, 3e9, 9e9):
+        optimum = 0.5 * budget**0.5
+        for i, factor in enumerate((0.25, 0.5, 1.0, 2.0, 4.0)):
+            n = optimum * factor
+            err = 0.3 + 0.05 * np.log(factor) ** 2 + 0.1 * (1e9 / budget) ** 0.3
+            records.append({"trial": len(records), "state": "COMPLETE", rows.SIZE: f"L4W{8 * (i + 1)}",
+                            rows.WIDTH: 8 * (i + 1), rows.DEPTH: 4, EPOCH: 4, rows.EPOCHS: 4, "model/params": n,
+                            rows.BUDGET: budget, rows.COMPUTE: budget * 1.05, **dict.fromkeys(ACCURACIES, 1 - err)})
+    frame = pd.DataFrame(records)
+    frame[rows.LEFT_OUT] = rows.left_out(frame, "eval/cra_36", "maximize")
+    return rows.Trials(frame, params=[], objective=("eval/cra_36", "maximize"), design="isoflop",
+                       source="rows made by hand", parent_run="none")  # fmt: skip
+
+
+def test_an_isoflop_study_reports_each_budgets_optimal_size_and_the_frontier(tmp_path):
+    trials = _isoflop_trials()
+    options = laws.FitOptions(resamples=20)
+    assert laws.fit_laws(trials, options) == []  # its runs trained for different budgets: no law across them
+    isoflops = laws.fit_isoflops(trials, options)
+    fit = isoflops[0].fit
+    np.testing.assert_allclose([c.minimum.predicted.n for c in fit.curves], [0.5 * c**0.5 for c in (1e9, 3e9, 9e9)],
+                               rtol=1e-6)  # fmt: skip
+    assert fit.a == pytest.approx(0.5)
+    spec = load_spec(_write_spec(tmp_path / "root"))
+    text = laws.format_fits(spec, trials, [], isoflops, laws.targets(), options)
+    assert "envelope: 15 points (5 sizes at 3 budgets)" in text
+    assert "1 - eval/clean_acc: IsoFLOP curves (Chinchilla's approach 2): N_opt = k C^a" in text
+    assert "    C = 3e+09: N_opt 2.74e+04 [" in text
+    assert "    largest budget held out (N_opt): inside the 90% interval" in text
+    assert "    C = 9e+10 (1.0 decades beyond the budgets; beside the verdict above): N_opt 1.5e+05 [" in text
+    files = figures.write_report(spec, trials, [], isoflops, text, str(tmp_path / "report"))
+    assert {"isoflop.png", "cra_vs_eps.png", "cost.png"} <= {f.name for f in files}
+    assert not {"scaling_params.png", "validation.png"} & {f.name for f in files}
+
+
+def test_the_laws_of_every_eps_may_share_one_exponent():
+    n = np.array([1e3, 3e3, 1e4, 3e4, 1e5])
+    trials = _trials(**{"model/params": n, "compute": n, "eval/clean_acc": 1 - (0.1 + 2 * n**-0.3),
+                        **{m: 1 - (0.1 * k + 0.5 * k * n**-0.3) for k, m in enumerate(list(ACCURACIES)[1:4], 1)},
+                        "eval/cra_255": [0.0] * 5})  # fmt: skip
+    shared = laws.fit_laws(trials, laws.FitOptions(shared=True, resamples=20))
+    in_n = {law.metric: law.fit for law in shared if law.axis == "N"}
+    alphas = [in_n[m].params["alpha"] for m in ("eval/cra_36", "eval/cra_72", "eval/cra_108")]
+    assert alphas == pytest.approx([0.3] * 3, rel=1e-6)
+    assert in_n["eval/cra_36"].shared and in_n["eval/cra_255"] is None  # nothing certified at 255: no trend
+    assert in_n["eval/clean_acc"].shared == ()  # clean accuracy keeps its own exponent
 
 
 def test_the_pareto_front_keeps_each_trial_that_no_cheaper_one_beats():

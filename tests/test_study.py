@@ -12,6 +12,7 @@ import pytest
 import ray
 import torch
 import yaml
+from test_design import ladder
 from test_spec import small
 
 from lipnext.certify import lipschitz_bound
@@ -22,6 +23,8 @@ from lipscale.keys import (
     BEST_TRIALS_TAG, CHECKPOINT_ATTR, METRICS_ATTR, PARENT_ATTR, REQUEUED_ATTR, RETRY_OF_ATTR, RUN_ATTR, STATE_TAG,
     TRIAL_TAG,
 )  # fmt: skip
+from lipscale.report.laws import FitOptions, fit_laws, format_fits, targets
+from lipscale.report.rows import LEFT_OUT, SIZE, load_trials
 from lipscale.search import StudySearch
 from lipscale.spec import SpecError, parse_spec
 from lipscale.store import distributions, open_store
@@ -150,7 +153,39 @@ def test_continuing_with_another_search_space_is_refused(finished):
     spec, _, _ = finished
     raw = four_trial_spec(spec.root)
     raw["space"]["model.width"] = [32, 64, 128]
-    with pytest.raises(SpecError, match=r"space: changed since study 'small' began"):
+    with pytest.raises(SpecError, match=r"space.model.width: changed since study 'small' began"):
+        run(parse_spec(raw), resume=True)
+
+
+def _files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_resume_with_a_changed_fixed_field_is_refused_naming_it_and_nothing_is_written(finished):
+    spec, _, _ = finished
+    before = _files(Path(spec.root))
+    raw = four_trial_spec(spec.root)
+    raw["fixed"]["data"]["batch_size"] = 32  # trains otherwise: its trials could not share a law with these
+    with pytest.raises(SpecError) as refused:
+        run(parse_spec(raw), resume=True)
+    message = str(refused.value)
+    assert message.startswith(
+        "fixed.data.batch_size: changed since study 'small' began (fixed.data.batch_size: 64 -> 32)"
+    )
+    assert "optim" not in message and "eval/cra_36" not in message  # what changed, not both whole identities
+    assert _files(Path(spec.root)) == before  # the stores byte for byte, the Tune state, the results
+
+
+@pytest.mark.parametrize("field, value", [("seed", 1), ("dataset", {"name": "digits", "uri": "{root}/data/digits"}),
+                                          ("budget.epochs", 3)])  # fmt: skip
+def test_a_resume_with_another_seed_dataset_or_budget_is_refused_naming_it(finished, field, value):
+    spec, _, _ = finished
+    raw = four_trial_spec(spec.root)
+    if field == "dataset":  # the same digits, given as converted shards: another source of data
+        value = {**value, "uri": value["uri"].format(root=spec.root)}
+    section, _, name = field.rpartition(".")
+    (raw[section] if section else raw)[name] = value
+    with pytest.raises(SpecError, match=rf"^{field}\b.*: changed since study 'small' began"):
         run(parse_spec(raw), resume=True)
 
 
@@ -187,11 +222,46 @@ def test_a_trial_stopped_early_by_the_scheduler_is_pruned(tmp_path):
     study, tracking = store.study, Tracking(spec)
     search = StudySearch(spec, store, tracking, tracking.parent_run(study, spec), 0)
     config = search.suggest("a")
-    search.on_trial_complete("a", {"epoch": 2, "eval/cra_36": 0.5})
-    assert study.trials[config["trial"]["number"]].state == optuna.trial.TrialState.PRUNED
+    search.on_trial_result("a", {"epoch": 1, "training_iteration": 1, "eval/cra_36": 0.3})
+    # The report that made ASHA stop it reaches the searcher only as the trial's last result.
+    search.on_trial_complete("a", {"epoch": 2, "training_iteration": 2, "eval/cra_36": 0.5})
+    pruned = study.trials[config["trial"]["number"]]
+    assert pruned.state == optuna.trial.TrialState.PRUNED
+    assert pruned.value == 0.5 == pruned.user_attrs[METRICS_ATTR]["eval/cra_36"]  # as results.parquet shows it
     search.suggest("b")
-    search.on_trial_complete("b", {"epoch": 4, "eval/cra_36": 0.5})
+    search.on_trial_complete("b", {"epoch": 4, "training_iteration": 4, "eval/cra_36": 0.5})
     assert study.trials[1].state == optuna.trial.TrialState.COMPLETE and study.trials[1].value == 0.5
+
+
+def test_a_ladder_fits_each_sizes_best_full_budget_trial_and_no_trial_asha_stopped(local_ray, tmp_path):
+    # Two sizes x two lrs, one trial at a time, in queue order: at each size the good lr reaches
+    # ASHA's rung (epoch 1 of 2) first, the tiny one after it, behind: ASHA stops it there.
+    raw = ladder(tmp_path / "root", sizes=((16, 1), (32, 1)), lrs=(1e-2, 1e-5))
+    raw["budget"] = {"max_concurrent": 1, "epochs": 2}
+    raw["scheduler"] = {"kind": "asha", "metric": "eval/clean_acc", "direction": "maximize", "grace_period": 1,
+                        "reduction_factor": 2}  # fmt: skip
+    spec = parse_spec(raw)
+    study = run(spec)
+
+    by_lr = {(t.params["model.width"], t.params["optim.lr"]): t for t in study.trials}
+    assert {k: t.state.name for k, t in by_lr.items()} == {
+        (32, 1e-2): "COMPLETE", (32, 1e-5): "PRUNED", (16, 1e-2): "COMPLETE", (16, 1e-5): "PRUNED"
+    }  # within its size: one ASHA over both sizes would have set L1W16's good trial against L1W32's
+    table = {row["trial"]: row for row in results.read(spec.root).to_pylist()}
+    for t in study.trials:  # a PRUNED trial's value is its last evaluation, as results.parquet has it
+        assert t.value == table[t.number]["eval/cra_36"]
+
+    trials = load_trials(spec)
+    envelope = trials.envelope
+    assert sorted(envelope[SIZE]) == ["L1W16", "L1W32"]
+    for size, rows in trials.frame.groupby(SIZE):
+        full = rows[(rows["state"] == "COMPLETE") & (rows["epoch"] == 2)]
+        assert envelope.loc[envelope[SIZE] == size, "trial"].item() == full.loc[full["eval/cra_36"].idxmax(), "trial"]
+    pruned = {t.number for t in study.trials if t.state.name == "PRUNED"}
+    assert set(trials.frame.loc[trials.frame["trial"].isin(pruned), LEFT_OUT]) == {"PRUNED at epoch 1 of 2"}
+    fitted = fit_laws(trials, FitOptions(resamples=10))
+    assert fitted and all(set(law.trials) <= set(envelope["trial"]) - pruned for law in fitted)
+    assert "left out of every law: 2 PRUNED at epoch 1 of 2" in format_fits(spec, trials, fitted, [], targets())
 
 
 def test_a_trial_of_two_workers_runs_as_a_ray_train_job(local_ray, tmp_path):

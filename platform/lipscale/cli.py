@@ -71,10 +71,16 @@ def entry_parser(default_spec: str | None, doc: str | None) -> argparse.Argument
 
 
 def _report(parser: argparse.ArgumentParser) -> None:
+    from lipscale.scaling import LINKS  # the fit imports numpy and scipy anyway
+
     parser.add_argument("spec", metavar="SPEC", help="study spec (YAML)")
     parser.add_argument("--root", help="study root (path or s3:// URI) in place of the spec's storage.root")
     parser.add_argument("--resamples", type=int, default=200, help="bootstrap resamples per fit (default 200)")
     parser.add_argument("--level", type=float, default=0.9, help="interval level (default 0.9)")
+    parser.add_argument("--link", choices=LINKS, default=LINKS[0],
+                        help="'logit': the odds err / (1 - err) follow the law, for errors near 1 (default log)")
+    parser.add_argument("--shared-exponent", action="store_true",
+                        help="fit the laws of 1 - CRA at every eps together, one exponent shared")
     parser.set_defaults(run="lipscale.report.command:report_command")
 
 
@@ -150,10 +156,11 @@ def _data(parser: argparse.ArgumentParser) -> None:
 
 COMMANDS = {
     "run": Command("run a study (continues it when it exists)", _study("lipscale.study:run_command", resume=False)),
-    "resume": Command("continue a study; refuses a spec whose search space changed",
+    "resume": Command("continue a study; refuses a spec that changed anything its results depend on",
                       _study("lipscale.study:run_command", resume=True)),
     "status": Command("the trials of a study, from its Optuna storage", _study("lipscale.study:status_command")),
-    "fit": Command("fit scaling laws of a finished study: intervals and the 1B/2B extrapolation", _report),
+    "fit": Command("fit scaling laws of a study's envelope: intervals, the leave-the-largest-out verdict and the "
+                   "1B/2B extrapolation", _report),
     "report": Command("the fits, plus plots (PNG and one HTML page) logged to the study's MLflow parent run",
                       _report_files),
     "plan": Command("FLOPs, per-rank memory and step time of a preset's train step", _plan),

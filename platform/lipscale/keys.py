@@ -11,12 +11,11 @@ written before it in half the code).
 
 PARENT_ATTR = "mlflow_parent_run_id"
 """The study's MLflow parent run."""
-SPACE_ATTR = "space"
-"""The search space (canonical JSON of its Optuna distributions) the study began with."""
+IDENTITY_ATTR = "identity"
+"""Everything that changes the study's results, as it began (lipscale.store.identity): a
+continued study must match it."""
 OBJECTIVE_ATTR = "objective"
 """The objective(s) the study began with: JSON, a list of {metric, direction}."""
-TRIALS_ATTR = "trials"
-"""The trial budget the study began with."""
 
 # --- Optuna trial user attrs ----------------------------------------------------------------
 

@@ -12,8 +12,9 @@ import os
 import urllib.error
 import urllib.request
 
-from lipscale import uris
-from lipscale.spec import DIGITS, Spec, SpecError
+from lipscale import design, uris
+from lipscale.data.catalog import GENERATED
+from lipscale.spec import Spec, SpecError
 
 
 def check_storage(spec: Spec) -> None:
@@ -93,18 +94,23 @@ def _check_tracking_login(url: str) -> str | None:
 
 
 def _check_data(spec: Spec) -> list[tuple[str, str]]:
-    """The data exists (unless the study converts digits) and its images and classes fit the model."""
+    """The data exists (unless the study generates it), its images and classes fit the model,
+    and an IsoFLOP design's budgets each take 3 sizes over its train split."""
     from lipnext.data import open_dataset
     from lipscale.data.convert import plan
 
     try:
         manifest = open_dataset(spec.data_uri).manifest
-        shape, classes = tuple(manifest.shape), len(manifest.classes)
+        shape, classes, train = tuple(manifest.shape), len(manifest.classes), manifest.count("train")
     except Exception as e:  # DataError, OSError, fsspec's ValueError for an unknown protocol, botocore's own
-        if spec.dataset.name != DIGITS:
+        if spec.dataset.name not in GENERATED:
             return [("dataset.uri", f"no converted dataset at {spec.data_uri}: {e}")]
-        digits = plan(DIGITS)
-        shape, classes = digits.shape, len(digits.classes)
-    if problem := spec.train_config({}).model.data_mismatch(shape, classes):
+        generated = plan(spec.dataset.name, **spec.dataset.options)
+        shape, classes, train = generated.shape, len(generated.classes), sum(p.count for p in generated.splits["train"])
+    if problem := spec.base_model().data_mismatch(shape, classes):
         return [("fixed.model", f"{spec.dataset.name} {problem}")]
+    try:
+        design.points(spec, train)
+    except ValueError as e:
+        return [("design.budgets", str(e))]
     return []

@@ -1,17 +1,20 @@
 """The search: Optuna's sampler behind Ray Tune (StudySearch) and the scheduler that
-stops trials early (ASHA).
+stops trials early (ASHA; within each size for a ladder, SizeBrackets).
 
 StudySearch asks the study's own Optuna storage for each trial, and links the
 trial to its MLflow child run there: the Optuna number and the run id go into
-the Tune trial's config, the run id into the Optuna trial.
+the Tune trial's config, the run id into the Optuna trial. A grid design's
+trials are queued in that storage (lipscale.design), and handed out first.
 """
 
 import optuna
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from lipnext.metrics import EPOCH, STOPPED, is_metric
+from lipscale import design
 from lipscale.keys import FAIL_REASON_ATTR, METRICS_ATTR, NUMBER_KEY, PARAMS_KEY, RUN_ATTR, TRIAL_KEY
 from lipscale.spec import Spec
 from lipscale.store import Store, distributions
@@ -22,14 +25,18 @@ class StudySearch(OptunaSearch):
     """OptunaSearch over the study's persistent storage that links each trial it asks for to
     its MLflow child run. Also: a report without the objective (not an eval epoch) is skipped,
     a finished trial's last metrics go into its user attrs before it is told (Optuna refuses
-    changes after), one stopped early by the scheduler is told PRUNED, not COMPLETE, and one
-    that diverged is told FAIL with the reason in its user attrs."""
+    changes after), one stopped early by the scheduler is told PRUNED, not COMPLETE, with its
+    last evaluated objective as its value (the one its results row shows), and one that
+    diverged is told FAIL with the reason in its user attrs."""
 
-    def __init__(self, spec: Spec, store: Store, tracking: Tracking, parent_run: str, seed: int):
+    def __init__(
+        self, spec: Spec, store: Store, tracking: Tracking, parent_run: str, seed: int,
+        points: list[design.Point] | None = None,
+    ):  # fmt: skip
         metrics, modes = [o.metric for o in spec.objective], [o.direction[:3] for o in spec.objective]
         single = len(metrics) == 1
         super().__init__(
-            space=distributions(spec),
+            space=design.search_space(points) if points else distributions(spec),
             metric=metrics[0] if single else metrics,
             mode=modes[0] if single else modes,
             study_name=spec.name,
@@ -69,23 +76,75 @@ class StudySearch(OptunaSearch):
             self._ot_study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
             self._completed_trials.add(trial_id)
             return
-        if result and not error and result.get(EPOCH, 0) < self.spec.budget.epochs:
+        if result and not error and result.get(EPOCH, 0) < self.spec.train_config(ot_trial.params).epochs:
+            # Tune does not pass the result that made the scheduler stop a trial to on_trial_result,
+            # so Optuna's last intermediate value (its PRUNED value) would be the evaluation before.
+            self.on_trial_result(trial_id, result)
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED, skip_if_finished=True)
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result, error)
 
 
-def scheduler(spec: Spec) -> tune.schedulers.TrialScheduler:
-    """ASHA on the spec's scheduler metric, its rungs in epochs; or FIFO: every trial to the end."""
+def scheduler(spec: Spec) -> TrialScheduler:
+    """ASHA on the spec's scheduler metric, its rungs in epochs (a ladder's within each size);
+    or FIFO: every trial to the end."""
     if spec.scheduler.kind == "fifo":
-        return tune.schedulers.FIFOScheduler()
-    metric, mode = spec.scheduler_metric
-    return tune.schedulers.ASHAScheduler(
-        time_attr=EPOCH,
-        metric=metric,
-        mode=mode,
-        max_t=spec.budget.epochs,
-        grace_period=spec.scheduler.grace_period,
-        reduction_factor=spec.scheduler.reduction_factor,
-    )
+        return FIFOScheduler()
+    asha = _asha(spec)
+    return SizeBrackets(asha) if spec.design.kind == "ladder" else asha()
+
+
+class _asha:
+    """Makes the spec's ASHA scheduler; a class, not a closure, so that Tune can pickle it."""
+
+    def __init__(self, spec: Spec):
+        metric, mode = spec.scheduler_metric
+        s = spec.scheduler
+        self.kwargs = dict(time_attr=EPOCH, metric=metric, mode=mode, max_t=spec.budget.epochs,
+                           grace_period=s.grace_period, reduction_factor=s.reduction_factor)  # fmt: skip
+
+    def __call__(self) -> tune.schedulers.ASHAScheduler:
+        return tune.schedulers.ASHAScheduler(**self.kwargs)
+
+
+def size_of(trial) -> tuple:
+    """A Tune trial's model size: its (width, depth) params."""
+    params = trial.config[PARAMS_KEY]
+    return tuple(params[path] for path in design.SIZE_PARAMS)
+
+
+class SizeBrackets(FIFOScheduler):
+    """ASHA within each size of a ladder: a trial meets, at each rung, only the trials of its own
+    size (the other points of its sweep). One ASHA over all sizes would stop the small models at
+    the first rung for being small, so the envelope would lose them; pruning is for settings."""
+
+    def __init__(self, make: _asha):
+        super().__init__()
+        self.make, self.brackets = make, {}
+
+    def _of(self, trial) -> tune.schedulers.ASHAScheduler:
+        size = size_of(trial)
+        if size not in self.brackets:
+            self.brackets[size] = self.make()
+        return self.brackets[size]
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return True  # every bracket has the spec's metric and mode
+
+    def on_trial_add(self, tune_controller, trial):
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result) -> str:
+        return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "ASHA within each size: " + "; ".join(
+            f"{design.size_label(*size)}: {asha.debug_string()}" for size, asha in self.brackets.items()
+        )

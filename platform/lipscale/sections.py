@@ -1,5 +1,5 @@
-"""The sections of a study spec (lipscale.spec): storage, dataset, space, fixed,
-budget, scheduler, objective, each a pydantic model that refuses unknown keys.
+"""The sections of a study spec (lipscale.spec): storage, dataset, design, space,
+fixed, budget, scheduler, objective, each a pydantic model that refuses unknown keys.
 
 `fixed` is a trial's TrainConfig (lipnext.train_config) less what the spec
 gives elsewhere: its fields, defaults, allowed values and checks are the
@@ -9,7 +9,7 @@ overrides take their types and descriptions from the same dataclasses.
 """
 
 import dataclasses
-from typing import Literal, get_type_hints
+from typing import Annotated, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
@@ -60,9 +60,14 @@ class Storage(Strict):
 
 class Dataset(Strict):
     name: str
-    """'digits' (converted under the study root on first use) or the name of converted shards."""
+    """'digits' or 'shapes' (generated: converted under the study root on first use), or the name
+    of converted shards."""
     uri: str | None = None
-    """Converted shards (`lipscale data convert`): a path or s3:// URI. Required except for digits."""
+    """Converted shards (`lipscale data convert`): a path or s3:// URI. Required except for the
+    generated datasets."""
+    options: dict[str, int | float] = {}
+    """A generated dataset's options, as `lipscale data convert NAME --help` lists them (shapes:
+    train, test, num_classes, seed, ...)."""
 
 
 class Range(Strict):
@@ -149,12 +154,14 @@ Fixed = _fixed_model()
 
 
 class Budget(Strict):
-    trials: int = Field(ge=1)
-    """Trials in the study; a resumed study fills up to it."""
+    trials: int | None = Field(None, ge=1)
+    """Trials of a search; a resumed study fills up to it. A ladder or IsoFLOP design's trials are
+    its points: leave it out."""
     max_concurrent: int = Field(1, ge=1)
     """Trials running at once (always enforced: Ray Train's placement groups are outside Tune's accounting)."""
-    epochs: int = Field(ge=1)
-    """Epochs of every trial (ASHA may stop a trial earlier)."""
+    epochs: int | None = Field(None, ge=1)
+    """Epochs of every trial of a search or ladder (ASHA may stop a trial earlier); an IsoFLOP
+    design sets each trial's from its FLOP budget."""
     workers_per_trial: int = Field(1, ge=1)
     """Ranks of a trial; above 1 a Ray Train worker group shards the model with FSDP2."""
     cpus_per_worker: float = Field(1, gt=0)
@@ -179,6 +186,58 @@ class Scheduler(Strict):
     grace_period: int = Field(1, ge=1)
     """Epochs before ASHA may stop a trial."""
     reduction_factor: float = Field(3, gt=1)
+
+
+class Size(Strict):
+    """A model size of a ladder or IsoFLOP design: a width at a depth, or a parameter count at a depth."""
+
+    depth: int = Field(ge=1)
+    width: int | None = Field(None, ge=1)
+    params: float | None = Field(None, gt=0)
+    """All parameters (stem, blocks, head) in place of a width: the width is the one, among those
+    the shift groups and beta split, whose model's count lies nearest."""
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.width is None) == (self.params is None):
+            raise ValueError("give a width or a parameter count (params), not both")
+        return self
+
+
+class SearchDesign(Strict):
+    """Optuna samples the space, the scheduler (ASHA) stops trials that trail: a hyper-parameter
+    search. Only the trials that reached the full budget feed a law."""
+
+    kind: Literal["search"]
+
+
+class LadderDesign(Strict):
+    """Every size trained to the full budget at every point of a small sweep (a grid): the law is
+    fitted to each size's best (the envelope). ASHA, if chosen, compares trials of one size only."""
+
+    kind: Literal["ladder"]
+    sizes: list[Size] = Field(min_length=1)
+    sweep: Space = Field(default_factory=Space)
+    """Settings tried at every size, each a list of values (a grid): optim.lr at least, say."""
+
+
+class IsoFLOPDesign(Strict):
+    """Fixed training-FLOP budgets; at each, every size trained for the epochs that exhaust it
+    (Chinchilla's approach 2): IsoFLOP curves, the compute-optimal size per budget, the frontier."""
+
+    kind: Literal["isoflop"]
+    budgets: list[float] = Field(min_length=2)
+    """Training FLOPs per trial (model/flops_per_sample x samples seen)."""
+    sizes: list[Size] = Field(min_length=3)
+    sweep: Space = Field(default_factory=Space)
+    """Settings tried at every size and budget, each a list of values (a grid)."""
+    min_epochs: int = Field(4, ge=1)
+    """At each budget, the sizes that train at least this many whole epochs there; whole epochs
+    put a trial's compute within 1 / (2 min_epochs) of its budget (12.5% at 4)."""
+
+
+Design = Annotated[SearchDesign | LadderDesign | IsoFLOPDesign, Field(discriminator="kind")]
+"""How a study chooses its trials: `kind` selects one."""
 
 
 class Objective(Strict):

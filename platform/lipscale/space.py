@@ -51,29 +51,29 @@ def searchable(sections: dict[str, type] = SECTIONS) -> dict[str, type]:
 SEARCHABLE = searchable()
 
 
-def check_param(path: str, values: list | dict) -> None:
+def check_param(path: str, values: list | dict, section: str = "space") -> None:
     """That a searched parameter is well formed: distinct choices, or a range that Optuna
-    can sample. Raises ValueError("space.<path>: ...")."""
-    kind = scalar(SEARCHABLE[path])
+    can sample. Raises ValueError("<section>.<path>: ..."): the space's, or a design's sweep."""
+    kind, where = scalar(SEARCHABLE[path]), f"{section}.{path}"
     if isinstance(values, list):
         if not values:
-            raise ValueError(f"space.{path}: no choices")
+            raise ValueError(f"{where}: no choices")
         if len(set(map(repr, values))) < len(values):
-            raise ValueError(f"space.{path}: repeated choices {values}")
+            raise ValueError(f"{where}: repeated choices {values}")
         return
     low, high, step = values["low"], values["high"], values.get("step")
     if kind not in (int, float):
-        raise ValueError(f"space.{path}: a range needs a numeric field; give a list of choices")
+        raise ValueError(f"{where}: a range needs a numeric field; give a list of choices")
     if kind is int and not all(isinstance(v, int) for v in (low, high, step or 1)):
-        raise ValueError(f"space.{path}: an integer field needs integer low, high and step")
+        raise ValueError(f"{where}: an integer field needs integer low, high and step")
     if not low < high:
-        raise ValueError(f"space.{path}: low {low} must be below high {high}")
+        raise ValueError(f"{where}: low {low} must be below high {high}")
     if values["log"] and low <= 0:
-        raise ValueError(f"space.{path}: a log range needs low > 0, got {low}")
+        raise ValueError(f"{where}: a log range needs low > 0, got {low}")
     if values["log"] and step is not None and kind is float:
-        raise ValueError(f"space.{path}: a float range is either log or stepped, not both")
+        raise ValueError(f"{where}: a float range is either log or stepped, not both")
     if step is not None and step <= 0:
-        raise ValueError(f"space.{path}: step must be positive, got {step}")
+        raise ValueError(f"{where}: step must be positive, got {step}")
 
 
 def param_grid(path: str, values: list | dict) -> list:

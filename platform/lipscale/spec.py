@@ -10,9 +10,19 @@ with which budget and where everything is kept.
     budget: {trials: 8, max_concurrent: 2, epochs: 30}
     objective: {metric: eval/cra_36, direction: maximize}
 
+That is a search (`design: {kind: search}`, the default). A ladder or an
+IsoFLOP design gives its sizes and sweep in `design` instead of a space
+(lipscale.design):
+
+    design:
+      kind: ladder
+      sizes: [{width: 32, depth: 4}, {width: 64, depth: 4}, {params: 2.0e5, depth: 4}]
+      sweep: {optim.lr: [1.0e-3, 3.0e-3]}
+    budget: {max_concurrent: 2, epochs: 30}
+
 Each section is a model of lipscale.sections; `fixed` is a trial's
-TrainConfig less what the rest of the spec gives, the space's parameters are
-fields of it (lipscale.space). `load_spec` validates everything that can be
+TrainConfig less what the rest of the spec gives, the space's (and the
+sweep's) parameters are fields of it (lipscale.space). `load_spec` validates everything that can be
 checked without touching a resource (types, unknown keys, every model shape
 the space can produce, the planner's memory estimate of the largest trial);
 then lipscale.preflight checks that the stores and the data answer, creating
@@ -31,14 +41,16 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lipnext.config import preset
+from lipnext.config import LipNeXtConfig, preset
 from lipnext.train_config import TrainConfig
-from lipscale import uris
-from lipscale.sections import RUNNER_OWNED, Budget, Dataset, Fixed, Objective, Scheduler, Space, Storage, Strict
+from lipscale import design, uris
+from lipscale.data.catalog import GENERATED
+from lipscale.data.shapes import ShapesConfig
+from lipscale.sections import (
+    RUNNER_OWNED, Budget, Dataset, Design, Fixed, Objective, Scheduler, SearchDesign, Space, Storage, Strict,
+)  # fmt: skip
 from lipscale.space import MAX_SHAPES, check_param, param_grid
 
-DIGITS = "digits"
-"""The one dataset a study converts itself (offline, from scikit-learn); others are URIs to converted shards."""
 STORE_SCHEMES = {"optuna": ("sqlite", "postgresql", "mysql"),
                  "mlflow": ("sqlite", "http", "https", "postgresql", "mysql", "databricks", "file")}  # fmt: skip
 """Schemes each store may be given as (a driver may follow the scheme: postgresql+psycopg)."""
@@ -57,10 +69,13 @@ class Spec(Strict):
     """Study name: the Optuna study, the MLflow experiment and the default root runs/<name>."""
     storage: Storage = Storage()
     dataset: Dataset
-    space: Space
+    design: Design = SearchDesign(kind="search")
+    space: Space | None = None
+    """What a search samples; a ladder or IsoFLOP design gives its sizes and sweep instead."""
     fixed: Fixed
     budget: Budget
-    scheduler: Scheduler = Scheduler()
+    scheduler: Scheduler | None = None
+    """Default: ASHA for a search (grace period 1), FIFO (every trial to the end) for the others."""
     objective: list[Objective] = Field(min_length=1)
     """One objective, or several (e.g. CRA up and FLOPs down) for a Pareto front."""
     seed: int = 0
@@ -80,9 +95,16 @@ class Spec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _default_scheduler(self):
+        if self.scheduler is None:
+            self.scheduler = Scheduler() if self.design.kind not in design.GRID else Scheduler(kind="fifo")
+        return self
+
+    @model_validator(mode="after")
     def _check(self) -> "Spec":
         self._check_storage_urls()
         self._check_dataset()
+        self._check_design()
         self._check_space()
         self._check_shapes()
         self._check_budget()
@@ -105,29 +127,47 @@ class Spec(Strict):
 
     @property
     def data_uri(self) -> str:
-        return self.dataset.uri or f"{self.root}/data/{DIGITS}"
+        return self.dataset.uri or f"{self.root}/data/{self.dataset.name}"
 
     @property
     def params(self) -> dict[str, list | dict]:
-        """The searched parameters by dotted path."""
-        return self.space.model_dump(by_alias=True, exclude_none=True)
+        """The searched parameters by dotted path: the space's, or a grid design's (its sizes'
+        widths and depths, its sweep) with the values its points take."""
+        if self.design.kind not in design.GRID:
+            return self.space.model_dump(by_alias=True, exclude_none=True)
+        values: dict[str, list] = {}
+        for point in self.grid():
+            for path, value in point.items():
+                if value not in values.setdefault(path, []):
+                    values[path].append(value)
+        return values
+
+    def grid(self) -> list[dict]:
+        """A grid design's points (sizes x sweep) by dotted path, an IsoFLOP design's without
+        their epochs (those need the data: lipscale.design.points)."""
+        return design.grid(self.design, self.base_model())
+
+    def base_model(self) -> LipNeXtConfig:
+        """The fixed model: the preset with the spec's overrides."""
+        overrides = self.fixed.model.model_dump(exclude_none=True)
+        return preset(overrides.pop("preset"), **overrides)
 
     @property
     def directions(self) -> list[str]:
         return [o.direction for o in self.objective]
 
     def train_config(self, params: dict[str, Any]) -> TrainConfig:
-        """The trial's config: the fixed settings, then the sampled `params` (dotted paths)."""
-        overrides = self.fixed.model.model_dump(exclude_none=True)
+        """The trial's config: the fixed settings, then the sampled `params` (dotted paths;
+        an IsoFLOP point's `epochs` is a top-level field)."""
         tree = self.fixed.model_dump(exclude={"model"}) | {
-            "model": preset(overrides.pop("preset"), **overrides).to_dict(),
+            "model": self.base_model().to_dict(),
             "epochs": self.budget.epochs,
             "seed": self.seed,
         }
         tree["data"]["uri"] = self.data_uri
         for path, value in params.items():
-            section, name = path.split(".")
-            tree[section][name] = value
+            section, _, name = path.rpartition(".")
+            (tree[section] if section else tree)[name] = value
         return TrainConfig.from_dict(tree)
 
     def _raw(self) -> dict:
@@ -140,15 +180,22 @@ class Spec(Strict):
         return parse_spec(raw, "--root")
 
     def smoke_test(self) -> "Spec":
-        """Two one-epoch trials of this spec on one CPU worker each, as study <name>-smoke: seconds."""
-        changes = dict(trials=2, max_concurrent=2, epochs=1, workers_per_trial=1, gpus_per_worker=0)
+        """Two one-epoch trials of this spec on one CPU worker each, as study <name>-smoke: seconds.
+        A grid design's smoke test is a ladder of its first two sizes at its sweep's first point."""
+        changes = dict(max_concurrent=2, epochs=1, workers_per_trial=1, gpus_per_worker=0)
         raw = self._raw()
         raw["name"] = f"{self.name}-smoke"
         if self.storage.root:
             raw["storage"]["root"] = f"{self.storage.root.rstrip('/')}-smoke"
         raw["budget"] = {**raw["budget"], **changes, "memory_per_worker_gib": None}
         raw["fixed"]["device"] = "cpu"
-        raw["scheduler"]["grace_period"] = 1
+        if self.design.kind in design.GRID:
+            sweep = {path: values[:1] for path, values in raw["design"]["sweep"].items()}
+            raw["design"] = {"kind": "ladder", "sizes": raw["design"]["sizes"][:2], "sweep": sweep}
+            raw["scheduler"] = {"kind": "fifo"}
+        else:
+            raw["budget"]["trials"] = 2
+            raw["scheduler"]["grace_period"] = 1
         return parse_spec(raw, "--smoke-test")
 
     # Checks, each raising ValueError("<field>: <reason>").
@@ -169,13 +216,50 @@ class Spec(Strict):
                 raise ValueError(f"storage.{name}: {url!r} is not a URL of {', '.join(STORE_SCHEMES[name])}")
 
     def _check_dataset(self):
-        if self.dataset.name != DIGITS and self.dataset.uri is None:
+        name, options = self.dataset.name, self.dataset.options
+        if name not in GENERATED and self.dataset.uri is None:
             raise ValueError(
-                f"dataset.uri: required for {self.dataset.name!r} (convert it first: "
-                f"`lipscale data convert {self.dataset.name} SOURCE DEST`); only digits is converted by the study"
+                f"dataset.uri: required for {name!r} (convert it first: `lipscale data convert {name} SOURCE DEST`); "
+                f"only {' and '.join(GENERATED)} are converted by the study"
             )
+        if name == "shapes":
+            _named("dataset.options", ShapesConfig, **options)
+        elif options:
+            raise ValueError(f"dataset.options: {name} takes none (only shapes is generated with options)")
+
+    def _check_design(self):
+        d, b = self.design, self.budget
+        if d.kind not in design.GRID:
+            for field, value in (("space", self.space), ("budget.trials", b.trials), ("budget.epochs", b.epochs)):
+                if value is None:
+                    raise ValueError(f"{field}: a search needs it (a ladder or isoflop design gives sizes instead)")
+            return
+        if self.space is not None:
+            raise ValueError(f"space: a {d.kind} design tries its sizes at every point of design.sweep; give the "
+                             "settings to try there")  # fmt: skip
+        if b.trials is not None:
+            raise ValueError(f"budget.trials: a {d.kind} design's trials are its points (sizes x sweep); leave it out")
+        if d.kind == "ladder" and b.epochs is None:
+            raise ValueError("budget.epochs: a ladder trains every size to it; give it")
+        if d.kind == "isoflop":
+            if b.epochs is not None:
+                raise ValueError("budget.epochs: an isoflop design sets each trial's epochs from its FLOP budget; "
+                                 "leave it out")  # fmt: skip
+            if self.scheduler.kind != "fifo":
+                raise ValueError("scheduler.kind: an isoflop design needs every trial to its budget (each point of a "
+                                 "curve): fifo")  # fmt: skip
+            design.check_budgets(d)
+        for path, values in d.sweep.model_dump(by_alias=True, exclude_none=True).items():
+            if path in design.SIZE_PARAMS:
+                raise ValueError(f"design.sweep.{path}: the sizes' widths and depths are design.sizes'")
+            if not isinstance(values, list):
+                raise ValueError(f"design.sweep.{path}: a sweep is a grid; give a list of values")
+            check_param(path, values, section="design.sweep")
+        design.sizes(d, self.base_model())
 
     def _check_space(self):
+        if self.design.kind in design.GRID:
+            return
         if not self.params:
             raise ValueError("space: empty; a study searches at least one parameter")
         for path, values in self.params.items():
@@ -184,8 +268,19 @@ class Spec(Strict):
     def _values(self, path: str) -> list:
         return param_grid(path, self.params[path])
 
+    def _buildable(self, params: dict) -> dict:
+        """A grid point as train_config builds it: an IsoFLOP point's epochs come with the data, so
+        its fewest stand in."""
+        return {design.EPOCHS: self.design.min_epochs, **params} if self.design.kind == "isoflop" else params
+
     def _check_shapes(self):
-        """Builds every model shape the space can produce, and every other value on its own."""
+        """Builds every model shape the space can produce, and every other value on its own; or
+        every point of a grid design."""
+        if self.design.kind in design.GRID:
+            for params in self.grid():
+                _named("design: " + ", ".join(f"{p}={v}" for p, v in params.items()), self.train_config,
+                       self._buildable(params))  # fmt: skip
+            return
         model_paths = [p for p in self.params if p.startswith("model.")]
         for path in self.params:
             if path not in model_paths:
@@ -203,7 +298,15 @@ class Spec(Strict):
 
     def largest(self) -> TrainConfig:
         """The trial with the most memory per step: the largest width, depth and batch searched
-        (with the first value of anything else searched, so the shape is one the space gives)."""
+        (with the first value of anything else searched, so the shape is one the space gives);
+        of a grid design, the point the planner gives the highest peak."""
+        if self.design.kind in design.GRID:
+            configs = {}
+            for params in self.grid():
+                config = self.train_config(self._buildable(params))
+                configs.setdefault((config.model, config.data.batch_size), config)
+            workers = self.budget.workers_per_trial
+            return max(configs.values(), key=lambda c: plan_trial(c, workers).memory.peak)
         biggest = ("model.width", "model.depth", "data.batch_size")
         values = {path: self._values(path) for path in self.params}
         return self.train_config({p: max(v) if p in biggest else v[0] for p, v in values.items()})
@@ -265,10 +368,10 @@ def plan_trial(config: TrainConfig, workers: int):
     )  # fmt: skip
 
 
-def _named(where: str, build, *args):
-    """Runs `build(*args)`, naming `where` in the error a config's own validation raises."""
+def _named(where: str, build, *args, **kwargs):
+    """Runs `build(*args, **kwargs)`, naming `where` in the error a config's own validation raises."""
     try:
-        return build(*args)
+        return build(*args, **kwargs)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -279,7 +382,10 @@ def _named(where: str, build, *args):
 def _format(error: ValidationError) -> str:
     lines = []
     for e in error.errors():
-        where = ".".join(str(part) for part in e["loc"])
+        loc = e["loc"]
+        if loc[:1] == ("design",) and len(loc) > 2:  # pydantic names the union's member: design.ladder.sizes
+            loc = loc[:1] + loc[2:]
+        where = ".".join(str(part) for part in loc)
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] != "value_error" and isinstance(e["input"], (str, int, float)):
             message += f", got {e['input']!r}"

@@ -1,6 +1,7 @@
 """The study's Optuna store, the source of truth for which trials exist: the study
-(a new one records the spec's identity, a continued one must match it), the user
-attrs the platform sets on its trials, and `reconcile` after a dead driver.
+(a new one records the spec's identity, everything that changes its results; a
+continued one must match it), the user attrs the platform sets on its trials,
+and `reconcile` after a dead driver.
 
 We hold our own handle on the storage, an RDBStorage (optuna.Study keeps its
 own private): picklable, so Ray Tune saves and restores what holds it with the
@@ -12,17 +13,22 @@ import logging
 from dataclasses import dataclass
 
 import optuna
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution, distribution_to_json
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from lipscale import uris
-from lipscale.keys import OBJECTIVE_ATTR, REQUEUED_ATTR, RETRY_OF_ATTR, RUN_ATTR, SPACE_ATTR, TRIALS_ATTR
+from lipscale.keys import IDENTITY_ATTR, OBJECTIVE_ATTR, REQUEUED_ATTR, RETRY_OF_ATTR, RUN_ATTR
 from lipscale.space import is_int
+from lipscale.sections import RUNNER_OWNED
 from lipscale.spec import Spec, SpecError
+from lipscale.tracking import flatten
 
 log = logging.getLogger("lipscale.store")
-IDENTITY = {SPACE_ATTR: "space", OBJECTIVE_ATTR: "objective", TRIALS_ATTR: "budget.trials"}
-"""What a continued study must share with the one that began: Optuna study user attr -> spec field."""
+RESOURCES = {"max_concurrent", "cpus_per_worker", "gpus_per_worker", "memory_per_worker_gib", "max_failures",
+             "launcher"}  # fmt: skip
+"""Budget fields that say where and how fast trials run, not what they compute: a study may
+continue on another cluster. (workers_per_trial is not one: it splits the batch, and the
+FLOPs per sample follow the per-rank batch.)"""
 
 
 def distributions(spec: Spec) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -40,11 +46,28 @@ def distributions(spec: Spec) -> dict[str, optuna.distributions.BaseDistribution
     return space
 
 
-def identity(spec: Spec) -> dict[str, str]:
-    """Canonical JSON of what must not change while a study continues."""
-    space = {path: json.loads(distribution_to_json(d)) for path, d in distributions(spec).items()}
-    objective = [o.model_dump() for o in spec.objective]
-    return {k: json.dumps(v, sort_keys=True) for k, v in zip(IDENTITY, (space, objective, spec.budget.trials))}
+def identity(spec: Spec) -> dict:
+    """Everything that changes a study's results, as JSON values by section: the design and
+    its space, the objective, every fixed setting, the budget less RESOURCES, the scheduler,
+    the dataset and the seed. A fit never mixes trials trained differently."""
+    sections = {
+        "design": spec.design.model_dump(by_alias=True, exclude_none=True),
+        "space": None if spec.space is None else spec.space.model_dump(by_alias=True, exclude_none=True),
+        "objective": [o.model_dump() for o in spec.objective],
+        "fixed": spec.fixed.model_dump(by_alias=True, exclude_none=True, exclude=RUNNER_OWNED["fixed"]),
+        "budget": spec.budget.model_dump(exclude=RESOURCES),
+        "scheduler": spec.scheduler.model_dump(),
+        "dataset": spec.dataset.model_dump(),
+        "seed": spec.seed,
+    }
+    return json.loads(json.dumps(sections, sort_keys=True))  # tuples as lists: as the storage gives it back
+
+
+def changes(began: dict, now: dict) -> dict[str, tuple]:
+    """Dotted field -> (value the study began with, value now) of every field that differs;
+    a list is one value (the space's choices, the design's sizes)."""
+    before, after = flatten(began), flatten(now)
+    return {k: (before.get(k), after.get(k)) for k in dict.fromkeys([*before, *after]) if before.get(k) != after.get(k)}
 
 
 @dataclass(frozen=True)
@@ -92,15 +115,22 @@ def open_store(spec: Spec, *, create: bool) -> Store:
     exists = spec.name in optuna.get_all_study_names(storage)
     if not exists and not create:
         raise SpecError(f"name: no study {spec.name!r} in {uris.redact(url)} to continue")
-    study = optuna.create_study(storage=storage, study_name=spec.name, directions=spec.directions, load_if_exists=True)
     wanted = identity(spec)
-    if not exists:
-        for key, value in wanted.items():
-            study.set_user_attr(key, value)
-    for key, value in wanted.items():
-        if study.user_attrs.get(key) != value:
+    if exists:  # read, and refused, before anything is written
+        study = optuna.load_study(storage=storage, study_name=spec.name)
+        if IDENTITY_ATTR not in study.user_attrs:
             raise SpecError(
-                f"{IDENTITY[key]}: changed since study {spec.name!r} began ({study.user_attrs.get(key)} -> {value}); "
-                "continue it with the spec it began with, or give the new one another name"
+                f"name: study {spec.name!r} began before LipScale recorded a study's identity; what it was trained "
+                "with cannot be checked: give the new study another name"
             )
+        if changed := changes(study.user_attrs[IDENTITY_ATTR], wanted):
+            fields = "; ".join(f"{field}: {before!r} -> {after!r}" for field, (before, after) in changed.items())
+            raise SpecError(
+                f"{', '.join(changed)}: changed since study {spec.name!r} began ({fields}); its trials were trained "
+                "otherwise: continue it with the spec it began with, or give the new one another name"
+            )
+        return Store(storage, study)
+    study = optuna.create_study(storage=storage, study_name=spec.name, directions=spec.directions, load_if_exists=True)
+    study.set_user_attr(IDENTITY_ATTR, wanted)
+    study.set_user_attr(OBJECTIVE_ATTR, json.dumps(wanted["objective"], sort_keys=True))
     return Store(storage, study)

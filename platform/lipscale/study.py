@@ -1,7 +1,7 @@
 """Running a study: Ray Tune trials, sampled by Optuna, tracked in MLflow.
 
     lipscale run studies/specs/digits.yaml       # start, or continue the study of that name
-    lipscale resume studies/specs/digits.yaml    # continue only; refuses a changed search space
+    lipscale resume studies/specs/digits.yaml    # continue only; refuses a spec that trains otherwise
     lipscale status studies/specs/digits.yaml    # the trials in the Optuna storage
 
 The Optuna storage is the source of truth for which trials exist (lipscale.store).
@@ -30,12 +30,13 @@ import ray
 from ray import tune
 
 from lipnext.data import DataError, open_dataset
-from lipscale import results, uris
+from lipscale import design, results, uris
 from lipscale.callbacks import Bookkeeping
 from lipscale.keys import BEST_TRIALS_TAG, CHECKPOINT_ATTR, NUMBER_KEY, RUN_ATTR, TRIAL_KEY, trial_name
 from lipscale.preflight import check_storage
 from lipscale.search import StudySearch, scheduler
-from lipscale.spec import DIGITS, Spec, SpecError, load_spec
+from lipscale.data.catalog import GENERATED
+from lipscale.spec import Spec, SpecError, load_spec
 from lipscale.store import Store, open_store
 from lipscale.tracking import Tracking
 from lipscale.trial import COORDINATOR_CPUS, in_process, storage_full, trainable
@@ -78,17 +79,21 @@ def run(spec: Spec, *, resume: bool = False) -> optuna.Study:
 
 def _tuner(spec: Spec, store: Store, tracking: Tracking, parent_run: str) -> tune.Tuner | None:
     experiment = f"{spec.root}/{TUNE_DIR}"
+    points = design.points(spec, open_dataset(spec.data_uri).manifest.count("train"))
     if tune.Tuner.can_restore(experiment):
         store.reconcile(_resumed_numbers(experiment))
         log.info("continuing study %s from %s", spec.name, experiment)
         return tune.Tuner.restore(experiment, trainable(spec), resume_unfinished=True, resume_errored=False)
     store.reconcile(set())
-    left = spec.budget.trials - len(results.finished_trials(store.study))
+    if points and (queued := design.queue_points(store.study, points)):
+        log.info("study %s: %d of its %d %s trials queued", spec.name, queued, len(points), spec.design.kind)
+    trials = len(points) if points else spec.budget.trials
+    left = trials - len(results.finished_trials(store.study))
     if left <= 0:
         return None
     # The sampler's state is not stored: seed it past the trials already sampled so a new
     # searcher over an old study does not repeat their start-up configurations.
-    searcher = StudySearch(spec, store, tracking, parent_run, seed=spec.seed + len(store.study.trials))
+    searcher = StudySearch(spec, store, tracking, parent_run, seed=spec.seed + len(store.study.trials), points=points)
     b = spec.budget
     return tune.Tuner(
         trainable(spec),
@@ -123,16 +128,17 @@ def _resumed_numbers(experiment: str) -> set[int]:
 
 
 def ensure_data(spec: Spec) -> None:
-    """Converts digits (offline, once) where the spec's data should be."""
-    if spec.dataset.name != DIGITS:
+    """Converts a generated dataset (digits, shapes: offline, once) where the spec's data should be."""
+    name = spec.dataset.name
+    if name not in GENERATED:
         return
     try:
         open_dataset(spec.data_uri)
     except (DataError, OSError):
         from lipscale.data.convert import convert
 
-        log.info("converting digits to %s", spec.data_uri)
-        convert(DIGITS, None, spec.data_uri)
+        log.info("converting %s to %s", name, spec.data_uri)
+        convert(name, None, spec.data_uri, **spec.dataset.options)
 
 
 def check_ray_address(address: str | None) -> None:

@@ -29,5 +29,8 @@ CLASS_FOLDERS = {  # name: (image side, encoding, shard size) defaults
     "tinyimagenet": (64, "raw", SHARD_SIZE),
     "imagenet": (224, "png", 1_000),  # ~100 MB shards of PNGs
 }
-CONVERTERS = ("digits", "shapes", *CIFAR, *CLASS_FOLDERS)
-"""Every converter's name: digits and shapes need no source."""
+GENERATED = ("digits", "shapes")
+"""Converters that need no source (scikit-learn's bundled digits, the seeded shapes generator): a
+study converts these itself, under its root, on first use."""
+CONVERTERS = (*GENERATED, *CIFAR, *CLASS_FOLDERS)
+"""Every converter's name."""

@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from lipscale import uris
 from lipscale.report.figures import write_report
-from lipscale.report.laws import fit_laws, format_fits, targets
+from lipscale.report.laws import FitOptions, fit_isoflops, fit_laws, format_fits, targets
 from lipscale.report.rows import ReportError, Trials, load_trials
 from lipscale.spec import Spec, SpecError, load_spec
 
@@ -28,12 +28,13 @@ def report_command(args) -> int:
     except (SpecError, ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    laws = fit_laws(trials, resamples=args.resamples, level=args.level)
-    text = format_fits(spec, trials, laws, targets())
+    options = FitOptions(link=args.link, shared=args.shared_exponent, resamples=args.resamples, level=args.level)
+    laws, isoflops = fit_laws(trials, options), fit_isoflops(trials, options)
+    text = format_fits(spec, trials, laws, isoflops, targets(), options)
     print(text)
     if args.command == "report":
         out = args.out or default_out(spec)
-        files = write_report(spec, trials, laws, text, out)
+        files = write_report(spec, trials, laws, isoflops, text, out)
         log_report(spec, trials, out)
         print(f"\nreport: {', '.join(f.name for f in files)} in {out}")
         print(f"logged to MLflow run {trials.parent_run} under {REPORT_DIR}/ ({uris.redact(spec.mlflow_uri)})")
