@@ -155,7 +155,10 @@ class TrainConfig:
     saved tensors (3 token-sized ones and M R^T), for one more forward of the blocks;
     'none' keeps everything."""
     compile: bool = False
-    """torch.compile each block's forward (inductor). Off by default: on these CPUs it ... ."""
+    """torch.compile each block's forward (inductor). Off by default: on these CPUs it gained
+    nothing measurable (0.94x and 1.08x the eager step at digits width 128 and cifar-l8w256,
+    benchmarks/results/step_options.json) for a compile per input shape; on a GPU it is
+    untried."""
 
     def __post_init__(self):
         require(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "be positive", self.epochs)
