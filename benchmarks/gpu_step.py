@@ -1,8 +1,10 @@
 """bf16 train-step throughput and peak memory of imagenet-1b, width/depth
 slices of it and imagenet-2b on one GPU, with model FLOP utilisation (MFU).
 
-Each case: the training worker's own build_model (meta, then materialised
-on the GPU), build_optimizer (ManifoldAdamW) and train_step, with bf16
+Each case: the model lipnext.train builds (meta, FSDP2 over a one-GPU
+process group, then materialised on the GPU), build_optimizer (ManifoldAdamW)
+and train_step on the case's batch per GPU, in its micro-batches (gradients
+accumulated, one optimizer step) with its activation checkpointing, under bf16
 autocast (fp32 weights and optimizer state), gradient clipping and the
 finiteness check included; steps timed after warm-up, with a CUDA sync at each
 end. MFU = model FLOPs (forward + backward, FlopCounterMode) per second / the
@@ -23,17 +25,18 @@ from harness import StepPhases, write_result
 
 from lipnext import preset
 from lipnext.model import train_flops_per_sample
-from lipnext.train import build_model, build_optimizer, train_step
-from lipnext.train_config import OptimConfig, TrainConfig
+from lipnext.ranks import process_group
+from lipnext.train import build_optimizer, build_training_model, train_step
+from lipnext.train_config import DataConfig, OptimConfig, TrainConfig
 
 NOMINAL_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
-CASES = [  # (label, preset, overrides, batch): slices of imagenet-1b, the whole, then 2B
-    ("L8W4096", "imagenet-1b", dict(depth=8), 64),
-    ("L32W1024", "imagenet-1b", dict(width=1024), 64),
-    ("L32W2048", "imagenet-1b", dict(width=2048), 64),
-    ("imagenet-1b", "imagenet-1b", {}, 32),
-    ("imagenet-1b", "imagenet-1b", {}, 64),
-    ("imagenet-2b", "imagenet-2b", {}, 32),
+CASES = [  # (label, preset, overrides, batch per GPU, micro-batch, activation checkpointing)
+    ("L8W4096", "imagenet-1b", dict(depth=8), 64, 64, "none"),  # slices of imagenet-1b
+    ("L32W1024", "imagenet-1b", dict(width=1024), 64, 64, "none"),
+    ("L32W2048", "imagenet-1b", dict(width=2048), 64, 64, "none"),
+    ("imagenet-1b", "imagenet-1b", {}, 128, 32, "none"),  # the paper's 1024 over 8 GPUs, accumulated
+    ("imagenet-1b", "imagenet-1b", {}, 128, 128, "block"),
+    ("imagenet-2b", "imagenet-2b", {}, 128, 32, "block"),
 ]
 
 
@@ -43,9 +46,12 @@ def _timer(device):
     return time.perf_counter()
 
 
-def measure(config, batch, device, steps, warmup=3) -> dict:
-    run = TrainConfig(model=config, optim=OptimConfig(lr=1e-4), precision="bf16")
-    model = build_model(config, device)
+def measure(config, batch, micro, checkpointing, device, steps, warmup=3) -> dict:
+    run = TrainConfig(
+        model=config, optim=OptimConfig(lr=1e-4), precision="bf16", activation_checkpointing=checkpointing,
+        data=DataConfig(batch_size=batch, micro_batch_size=micro),
+    )  # fmt: skip
+    model = build_training_model(run, device)
     opt = build_optimizer(model, run.optim)
     phases = StepPhases(model, opt, sync=lambda: _timer(device))
     x = torch.rand(batch, config.in_channels, config.image_size, config.image_size, device=device)
@@ -62,6 +68,8 @@ def measure(config, batch, device, steps, warmup=3) -> dict:
     flops = train_flops_per_sample(config, batch) * batch
     return {
         "batch": batch,
+        "micro_batch": micro,
+        "activation_checkpointing": checkpointing,
         "params": sum(p.numel() for p in model.parameters()),
         "step_s": step,
         "optimizer_s": statistics.median(p["optimizer_s"] for p in phases.steps[warmup:]),
@@ -85,15 +93,16 @@ def mm_rate(device, n=8192) -> float:
 
 def main(smoke: bool, steps: int):
     device = torch.device("cpu" if smoke else "cuda")
-    cases = [("tiny", "tiny", {}, 64)] if smoke else CASES
+    cases = [("tiny", "tiny", {}, 64, 16, "block")] if smoke else CASES
     device_name = "cpu" if smoke else torch.cuda.get_device_name()
     nominal = next((v for k, v in NOMINAL_BF16_FLOPS.items() if k in device_name), None)
     result = {"device": device_name, "nominal_bf16_flops_per_s": nominal, "mm_bf16_flops_per_s": mm_rate(device, 256 if smoke else 8192)}
     result["cases"] = []
-    for label, name, overrides, batch in cases:
+    for label, name, overrides, batch, micro, checkpointing in cases:
         config = preset(name, **overrides)
         try:
-            case = measure(config, batch, device, steps)
+            with process_group(device):
+                case = measure(config, batch, micro, checkpointing, device, steps)
         except torch.OutOfMemoryError as e:  # a size that does not fit is a result too
             case = {"batch": batch, "out_of_memory": str(e).splitlines()[0]}
         if nominal and "model_flops_per_s" in case:

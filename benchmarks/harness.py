@@ -29,14 +29,16 @@ def time_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, floa
 
 class StepPhases:
     """Seconds in each phase of every lipnext.train.train_step, from hooks on the model
-    and its optimizer: forward (the model's forward), backward (from the logits to the
-    optimizer: loss, backward, gradient norm and clipping) and optimizer (its step).
-    `sync` runs at each boundary (torch.cuda.synchronize on a GPU)."""
+    and its optimizer: forward (the model's forward, summed over a step's micro-batches),
+    backward (the rest until the optimizer: losses, backwards, gradient norm and
+    clipping) and optimizer (its step). `sync` runs at each boundary
+    (torch.cuda.synchronize on a GPU)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sync=lambda: None):
         self.sync, self.marks, self.steps = sync, {}, []
-        model.register_forward_pre_hook(lambda *_: self._mark("start"))
-        model.register_forward_hook(lambda *_: self._mark("forward"))
+        self.forward_s = 0.0
+        model.register_forward_pre_hook(lambda *_: self._forward_starts())
+        model.register_forward_hook(lambda *_: self._forward_ends())
         optimizer.register_step_pre_hook(lambda *_: self._mark("backward"))
         optimizer.register_step_post_hook(lambda *_: self._end())
 
@@ -44,13 +46,22 @@ class StepPhases:
         self.sync()
         self.marks[name] = time.perf_counter()
 
+    def _forward_starts(self) -> None:
+        self._mark("forward")
+        self.marks.setdefault("start", self.marks["forward"])  # the step's first micro-batch
+
+    def _forward_ends(self) -> None:
+        self.sync()
+        self.forward_s += time.perf_counter() - self.marks["forward"]
+
     def _end(self) -> None:
         self._mark("optimizer")
         m = self.marks
         self.steps.append(
-            {"forward_s": m["forward"] - m["start"], "backward_s": m["backward"] - m["forward"],
+            {"forward_s": self.forward_s, "backward_s": m["backward"] - m["start"] - self.forward_s,
              "optimizer_s": m["optimizer"] - m["backward"]}
         )  # fmt: skip
+        self.marks, self.forward_s = {}, 0.0
 
 
 def mm_flops_per_s(n: int = 1024, dtype=torch.float32, repeats: int = 10) -> float:

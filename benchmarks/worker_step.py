@@ -1,10 +1,11 @@
-"""The training worker on CPU ranks (gloo, FSDP2), as lipnext.train runs it: its
-build_model, build_optimizer and train_step (clipping and the finiteness check included).
+"""The training worker on CPU ranks (gloo, FSDP2), as lipnext.train runs it: the
+model `train` builds (FSDP2 over every rank, one included), build_optimizer and
+train_step (clipping and the finiteness check included).
 
   scaling   global samples/s of 1 vs 2 ranks on `tiny` and `cifar-l8w256`
             (the same global batch; 2 ranks x 1 thread vs 1 rank x 2 threads);
   memory    per-rank bytes of parameters + optimizer state, sharded on 2 ranks
-            vs unsharded (target <= 0.55x);
+            vs one rank (target <= 0.55x);
   1b        one full train step (forward, backward, clipping, manifold step) of
             imagenet-1b with FSDP2 on 2 CPU ranks at batch 1 per rank: time and
             peak RSS per rank. Lookahead off: its slow copy and step sum would
@@ -25,21 +26,19 @@ import time
 import torch
 import torch.distributed as dist
 from harness import StepPhases, write_result
-from torch.distributed.device_mesh import init_device_mesh
 
 from lipnext import preset
 from lipnext.ranks import run_ranks
-from lipnext.train import build_model, build_optimizer, train_step
+from lipnext.train import build_optimizer, build_training_model, train_step
 from lipnext.train_config import OptimConfig, TrainConfig
 
 SCALING = {"tiny": 256, "cifar-l8w256": 32}  # preset -> global batch
 EPS = 36 / 255
 
 
-def _build(config, world, **optim):
-    mesh = init_device_mesh("cpu", (world,)) if world > 1 else None
-    model = build_model(config, torch.device("cpu"), mesh=mesh)
+def _build(config, **optim):
     run = TrainConfig(model=config, optim=OptimConfig(lr=1e-4, **optim))
+    model = build_training_model(run, torch.device("cpu"))
     return model, build_optimizer(model, run.optim), run
 
 
@@ -51,7 +50,7 @@ def _local_bytes(model, opt) -> int:
 def _scaling(name, global_batch, steps):
     world, rank = dist.get_world_size(), dist.get_rank()
     config = preset(name)
-    model, opt, run = _build(config, world)
+    model, opt, run = _build(config)
     g = torch.Generator().manual_seed(rank)
     batch = global_batch // world
     x = torch.rand(batch, config.in_channels, config.image_size, config.image_size, generator=g)
@@ -68,10 +67,9 @@ def _scaling(name, global_batch, steps):
 
 
 def _one_billion():
-    world = dist.get_world_size()
     config = preset("imagenet-1b")
     start = time.perf_counter()
-    model, opt, run = _build(config, world, lookahead_steps=0)
+    model, opt, run = _build(config, lookahead_steps=0)
     built = time.perf_counter() - start
     phases = StepPhases(model, opt)
     x = torch.rand(1, 3, 224, 224)

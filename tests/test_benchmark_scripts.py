@@ -15,7 +15,8 @@ SMOKE = {  # script: (its arguments, the file it writes, a check of what it wrot
     "gpu_step.py": (
         ["--smoke", "--steps", "2"],
         "gpu_step_smoke.json",
-        lambda r: r["cases"][0]["samples_per_s"] > 0 and 0 < r["cases"][0]["optimizer_s"] < r["cases"][0]["step_s"],
+        lambda r: r["cases"][0]["samples_per_s"] > 0 and 0 < r["cases"][0]["optimizer_s"] < r["cases"][0]["step_s"]
+        and r["cases"][0]["micro_batch"] < r["cases"][0]["batch"],
     ),
     "loader.py": (["--smoke"], "loader_smoke.json", lambda r: r["ratio"] > 0 and r["train_step_samples_per_s"] > 0),
     "worker_step.py": (
@@ -27,6 +28,11 @@ SMOKE = {  # script: (its arguments, the file it writes, a check of what it wrot
         ["--smoke", "--repeats", "1"],
         "manifold_step_smoke.json",
         lambda r: min(r["full_step"]["seconds_per_step"].values()) > 0 and r["optimizer_step"]["speedup_vs_geoopt"] > 0,
+    ),
+    "step_options.py": (
+        ["--smoke", "--repeats", "1"],
+        "step_options_smoke.json",
+        lambda r: set(r["cases"]["tiny"]["ratio_to_fsdp1"]) == {"unsharded", "fsdp1", "checkpointed", "micro4", "compiled", "bf16"},
     ),
     "model_step.py": (["--smoke", "--repeats", "1"], "model_step_smoke.json", lambda r: r["cases"]["tiny"]["flops_per_step"] > 0),
     "audit_cost.py": (

@@ -2,22 +2,26 @@
 
 FLOPs are checked against torch.utils.flop_counter on the meta device, so
 the 1B and 2B presets cost nothing. Memory is checked against the measured
-peak of real train steps (forward, backward, ManifoldAdamW step), unsharded
-and under FSDP2.
+peak of real train steps (lipnext.train's train_step on the model `train`
+builds: FSDP2 on one rank and on two), with activation checkpointing and
+micro-batches; the planner's choice of them is checked against its own plans.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributed._tools.mem_tracker import MemTracker
-from torch.distributed.fsdp import fully_shard
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.utils.flop_counter import FlopCounterMode
 
 from lipnext import PRESETS, LipNeXt, preset
 from lipnext.manifold import ManifoldAdamW, param_groups
-from lipnext.ranks import run_ranks
+from lipnext.parallelize import apply_activation_checkpointing
+from lipnext.ranks import process_group, run_ranks
+from lipnext.train import build_optimizer, build_training_model, train_step
+from lipnext.train_config import DataConfig, TrainConfig
 from lipscale.cli import main
-from lipscale.plan import format_plan, measure_flops_per_s, plan
+from lipscale.plan import fit, format_plan, measure_flops_per_s, plan, usable_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -33,12 +37,14 @@ def one_thread():
 # --- FLOPs -------------------------------------------------------------------------------
 
 
-def _counted_flops(config, batch: int) -> tuple[int, int]:
+def _counted_flops(config, batch: int, checkpointed: bool = False) -> tuple[int, int]:
     """(forward, forward + backward) FLOPs that FlopCounterMode sees, all on meta."""
     with torch.device("meta"):
         model = LipNeXt(config)
         images = torch.empty(batch, config.in_channels, config.image_size, config.image_size)
         labels = torch.zeros(batch, dtype=torch.long)
+    if checkpointed:
+        apply_activation_checkpointing(model)
     with FlopCounterMode(display=False) as forward:
         model(images)
     with FlopCounterMode(display=False) as train:
@@ -56,6 +62,17 @@ def test_flops_match_torch_flop_counter_for_every_preset(name, batch):
     assert planned.forward_flops == pytest.approx(forward, rel=0.05)
     assert planned.train_flops == pytest.approx(train, rel=0.05)
     assert train == pytest.approx(3 * forward, rel=0.05)  # backward ~ 2x forward
+
+
+def test_activation_checkpointing_and_micro_batches_cost_the_flops_torch_counts():
+    """Checkpointed, backward runs the blocks' forward again; in micro-batches, each forms
+    its own M R^T (2 W^3 per block per pass): FLOPs per step grow by exactly that."""
+    config = preset("cifar-l32w1024")
+    _, recomputed = _counted_flops(config, batch=32, checkpointed=True)
+    assert plan(config, batch=32, activation_checkpointing="block").train_flops == pytest.approx(recomputed, rel=0.05)
+    whole, micro = plan(config, batch=64), plan(config, batch=64, micro_batch=32)
+    assert micro.micro_batches == 2 and micro.train_flops == 2 * plan(config, batch=32).train_flops
+    assert micro.train_flops - whole.train_flops == 6 * config.depth * config.width**3
 
 
 def test_flops_per_sample_fall_with_the_batch_by_the_fused_matrix():
@@ -103,8 +120,10 @@ def _train_step(model, opt, images, labels, dtype: str) -> None:
     opt.step()
 
 
-def _measured_peak(name: str, batch: int, dtype: str = "fp32", shard: bool = False) -> int:
-    """Peak bytes of tensors alive during one steady-state train step.
+def _measured_peak(name: str, batch: int, dtype: str = "fp32", micro: int | None = None, ac: str = "none") -> int:
+    """Peak bytes of tensors alive during one steady-state train step of lipnext.train's
+    train_step on `batch` samples per rank, on the model `train` builds (FSDP2 over the
+    ranks of the process group).
 
     torch's CPU allocations are invisible to tracemalloc, and RSS only shows
     them in a fresh process with glibc's MALLOC_MMAP_THRESHOLD_ pinned so
@@ -113,38 +132,58 @@ def _measured_peak(name: str, batch: int, dtype: str = "fp32", shard: bool = Fal
     a dispatch mode that sees every storage each op allocates and frees:
     exact, in-process, and it sees through FSDP2's DTensors.
     """
-    config = preset(name)
+    world = torch.distributed.get_world_size()
+    config = TrainConfig(
+        model=preset(name), precision=dtype, activation_checkpointing=ac,
+        data=DataConfig(batch_size=batch * world, micro_batch_size=micro),
+    )  # fmt: skip
     torch.manual_seed(0)
-    model = LipNeXt(config)
-    if shard:
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-    opt = ManifoldAdamW(param_groups(model), lr=1e-3)
-    images = torch.rand(batch, config.in_channels, config.image_size, config.image_size)
-    labels = torch.randint(0, config.num_classes, (batch,))
-    _train_step(model, opt, images, labels, dtype)  # creates the optimizer state
+    model = build_training_model(config, torch.device("cpu"))
+    opt = build_optimizer(model, config.optim)
+    images = torch.rand(batch, config.model.in_channels, config.model.image_size, config.model.image_size)
+    labels = torch.randint(0, config.model.num_classes, (batch,))
+    train_step(model, opt, images, labels, 36 / 255, config)  # creates the optimizer state
     tracker = MemTracker()
     tracker.track_external(model, opt, images, labels)
-    with tracker:
-        _train_step(model, opt, images, labels, dtype)
+    # MemTracker takes a second forward of the root for the next step and refuses it: its
+    # per-module stats go before each micro-batch's forward (registered before the
+    # tracker's, this global hook runs first); the peak it keeps is global.
+    reset = register_module_forward_pre_hook(lambda module, _: tracker.reset_mod_stats() if module is model else None)
+    try:
+        with tracker:
+            train_step(model, opt, images, labels, 36 / 255, config)
+    finally:
+        reset.remove()
     (peak,) = tracker.get_tracker_snapshot("peak").values()
     return peak["Total"]
 
 
 @pytest.mark.parametrize(
-    "name,batch,dtype",
+    "name,batch,dtype,micro,ac",
     [
-        ("tiny", 128, "fp32"),
-        ("tiny", 1, "fp32"),  # the optimizer step is the peak
-        ("cifar-l8w256", 64, "fp32"),
-        ("cifar-l8w256", 1, "fp32"),
-        ("cifar-l8w256", 64, "bf16"),  # autocast: bf16 activations and weight casts
+        ("tiny", 128, "fp32", None, "none"),
+        ("tiny", 1, "fp32", None, "none"),  # the optimizer step is the peak
+        ("cifar-l8w256", 64, "fp32", None, "none"),
+        ("cifar-l8w256", 1, "fp32", None, "none"),
+        ("cifar-l8w256", 64, "bf16", None, "none"),  # autocast: bf16 activations and weight casts
+        ("cifar-l8w256", 64, "fp32", None, "block"),  # the blocks' inputs, one block recomputed
+        ("cifar-l8w256", 64, "fp32", 16, "none"),  # a quarter of the activations, gradients accumulated whole
+        ("cifar-l8w256", 64, "bf16", 16, "block"),
     ],
 )
-def test_memory_matches_the_measured_peak_of_a_train_step(name, batch, dtype):
-    planned = plan(preset(name), batch=batch, dtype=dtype).memory.peak
-    assert planned == pytest.approx(_measured_peak(name, batch, dtype), rel=0.1)
+def test_memory_matches_the_measured_peak_of_a_train_step(name, batch, dtype, micro, ac):
+    planned = plan(preset(name), batch=batch, dtype=dtype, micro_batch=micro, activation_checkpointing=ac).memory
+    with process_group(torch.device("cpu")):
+        assert planned.peak == pytest.approx(_measured_peak(name, batch, dtype, micro, ac), rel=0.1)
+
+
+def test_checkpointing_and_micro_batches_shrink_the_activations():
+    config = preset("cifar-l32w1024")
+    whole = plan(config, batch=64).memory.activations
+    checkpointed = plan(config, batch=64, activation_checkpointing="block").memory.activations
+    quarter = plan(config, batch=64, micro_batch=16).memory
+    assert checkpointed < whole / 2.5  # 32 blocks: 1 saved tensor each instead of 3 and M R^T
+    assert quarter.activations < whole / 3 and quarter.accumulated == plan(config, batch=64).memory.params
 
 
 def test_optimizer_state_is_what_manifold_adamw_keeps():
@@ -158,25 +197,29 @@ def test_optimizer_state_is_what_manifold_adamw_keeps():
         assert plan(config, batch=4, optimizer=kwargs).memory.optimizer == kept
 
 
-CASES_SHARDED = [(8, "fp32"), (64, "fp32"), (64, "bf16")]
+CASES_SHARDED = [(8, "fp32", None, "none"), (64, "fp32", None, "none"), (64, "bf16", None, "none"), (64, "fp32", 16, "block")]
 
 
 def _measured_sharded() -> list[int]:
-    return [_measured_peak("cifar-l8w256", batch, dtype, shard=True) for batch, dtype in CASES_SHARDED]
+    return [_measured_peak("cifar-l8w256", *case) for case in CASES_SHARDED]
 
 
 def test_fsdp2_memory_per_rank_matches_the_measured_peak():
-    """Two gloo ranks: at batch 8 the owner exchange of the optimizer step is
-    the peak, at batch 64 the activations are."""
+    """Two gloo ranks: at batch 8 per rank the owner exchange of the optimizer step is
+    the peak, at batch 64 the activations are; in micro-batches, checkpointed, the
+    gradients accumulated whole between them come on top."""
     measured = [max(per_rank) for per_rank in zip(*run_ranks(_measured_sharded, 2))]
-    for (batch, dtype), peak in zip(CASES_SHARDED, measured):
-        planned = plan(preset("cifar-l8w256"), batch=batch, world_size=2, dtype=dtype)
+    for (batch, dtype, micro, ac), peak in zip(CASES_SHARDED, measured):
+        planned = plan(
+            preset("cifar-l8w256"), batch=2 * batch, world_size=2, dtype=dtype, micro_batch=micro,
+            activation_checkpointing=ac,
+        )  # fmt: skip
         assert planned.memory.peak == pytest.approx(peak, rel=0.1)
 
 
 def test_sharding_divides_the_persistent_memory():
     config = preset("imagenet-1b")
-    one, eight = (plan(config, batch=32, world_size=w, dtype="bf16").memory for w in (1, 8))
+    one, eight = (plan(config, batch=32 * w, world_size=w, dtype="bf16").memory for w in (1, 8))
     for field in ("params", "grads", "optimizer"):
         assert getattr(eight, field) == pytest.approx(getattr(one, field) / 8, rel=0.01)
     assert eight.activations == one.activations  # each rank runs its own batch of 32
@@ -185,7 +228,7 @@ def test_sharding_divides_the_persistent_memory():
 def test_fits_refuses_a_trial_whose_peak_exceeds_the_memory():
     big = plan(preset("imagenet-2b"), batch=128, dtype="bf16")
     assert not big.fits(80 * 2**30)  # one 80 GB GPU
-    assert plan(preset("imagenet-2b"), batch=128, dtype="bf16", world_size=16).fits(80 * 2**30)
+    assert plan(preset("imagenet-2b"), batch=16 * 128, dtype="bf16", world_size=16).fits(80 * 2**30)
     assert big.fits(big.memory.peak) and not big.fits(big.memory.peak - 1)
 
 
@@ -199,19 +242,50 @@ def test_impossible_plans_are_refused(kwargs, match):
 
 
 def test_step_time_is_the_step_flops_at_the_given_rate():
-    p = plan(preset("imagenet-1b"), batch=32, world_size=8, dtype="bf16", flops_per_s=4e14)
+    p = plan(preset("imagenet-1b"), batch=256, world_size=8, dtype="bf16", flops_per_s=4e14)
     assert p.step_time_s == (p.train_flops + p.optimizer_flops) / 4e14
     assert plan(preset("tiny"), batch=8).step_time_s is None
     assert measure_flops_per_s(n=256, repeats=2) > 1e8  # even a busy CPU core does 0.1 GFLOP/s
 
 
 def test_cli_plans_imagenet_1b_on_8_ranks(capsys):
-    argv = "plan imagenet-1b --world-size 8 --dtype bf16 --batch 32 --flops-per-s 4e14"
+    argv = "plan imagenet-1b --world-size 8 --dtype bf16 --batch 256 --flops-per-s 4e14"
     assert main(argv.split()) == 0
     out = capsys.readouterr().out
-    expected = plan(preset("imagenet-1b"), batch=32, world_size=8, dtype="bf16", flops_per_s=4e14)
+    expected = plan(preset("imagenet-1b"), batch=256, world_size=8, dtype="bf16", flops_per_s=4e14)
     assert out.strip() == format_plan(expected)
     assert "1,081,120,896" in out and "8 x 32 = 256" in out and "step time" in out
+    assert f"optimizer share       {expected.optimizer_share:.1%}" in out
+
+
+def test_cli_fits_the_papers_imagenet_batch_on_8_gpus_of_80_gib(capsys):
+    """The global batch of 1024: 128 per GPU, planned in one micro-batch without checkpointing."""
+    argv = "plan imagenet-1b --world-size 8 --dtype bf16 --batch 1024 --gpu-memory-gib 80 --flops-per-s 4e14"
+    assert main(argv.split()) == 0
+    out = capsys.readouterr().out
+    chosen = fit(
+        preset("imagenet-1b"), batch=1024, world_size=8, dtype="bf16", memory_bytes=usable_bytes(80 * 2**30)
+    )
+    assert chosen.fits(usable_bytes(80 * 2**30)) and chosen.per_rank_batch == 128
+    assert f"micro-batch           {chosen.micro_batch} per rank, {chosen.micro_batches} per step" in out
+    assert f"fits in {usable_bytes(80 * 2**30) / 2**30:.2f} GiB per rank" in out
+    assert f"micro-batch {chosen.micro_batch}, activation checkpointing {chosen.activation_checkpointing}" in out
+
+
+def test_fit_takes_the_largest_micro_batch_that_fits_and_checkpoints_only_to_fit_a_larger_one():
+    """imagenet-2b, 1024 per rank on 8 GPUs of 80 GiB: the whole 1024 does not fit; the
+    largest micro-batch that does, checkpointed only where that is what lets it fit."""
+    config, memory = preset("imagenet-2b"), usable_bytes(80 * 2**30)
+    common = dict(batch=8192, world_size=8, dtype="bf16")
+    chosen = fit(config, memory_bytes=memory, **common)
+    assert chosen.fits(memory) and 1 < chosen.micro_batch < 1024
+    for larger in (2 * chosen.micro_batch, 1024):
+        assert not plan(config, micro_batch=larger, activation_checkpointing="block", **common).fits(memory)
+    unchecked = plan(config, micro_batch=chosen.micro_batch, **common)
+    assert unchecked.fits(memory) == (chosen.activation_checkpointing == "none")
+    # Nothing fits in 1 GiB: the plan that needs the least, which says so.
+    assert not fit(config, memory_bytes=2**30, **common).fits(2**30)
+    assert fit(config, memory_bytes=2**30, **common).micro_batch == 1
 
 
 def test_cli_measures_the_flop_rate_when_none_is_given(capsys):
@@ -225,7 +299,7 @@ def test_the_exchange_buckets_bound_the_optimizer_step_transient():
     bucket budget means a smaller transient of the optimizer step."""
     config = preset("imagenet-1b")
     small, large = (
-        plan(config, batch=8, world_size=8, optimizer=dict(exchange_bucket_mb=mb)).memory.optimizer_step
+        plan(config, batch=64, world_size=8, optimizer=dict(exchange_bucket_mb=mb)).memory.optimizer_step
         for mb in (64, 4096)
     )
     assert small < large / 4

@@ -15,7 +15,8 @@ from lipnext.train_config import CheckpointConfig, LossConfig, OptimConfig, Trai
 from lipscale import cli
 from lipscale.sections import Fixed
 from lipscale.space import scalar, searchable
-from lipscale.spec import json_schema, load_spec, parse_spec
+from lipscale.plan import fit
+from lipscale.spec import GIB, json_schema, load_spec, parse_spec, plan_trial
 from lipscale.tracking import Tracking
 from lipscale.uris import redact
 
@@ -52,6 +53,26 @@ def test_a_valid_spec_gives_each_trial_its_config(tmp_path):
     assert config.epochs == 1 and config.seed == 0
     assert spec.optuna_url == f"sqlite:///{tmp_path}/root/optuna.db"
     assert spec.mlflow_uri == f"sqlite:///{tmp_path}/root/mlflow.db"
+
+
+def test_with_a_memory_per_worker_a_trial_takes_the_micro_batch_the_planner_fits(tmp_path):
+    """No micro-batch in the spec: the largest that fits the memory (the batch of 64 on 2
+    workers, 32 per worker, in micro-batches of 8 here, checkpointing blocks only if it
+    must); one the spec sets is kept."""
+    raw = changed(small(tmp_path / "root"), "budget.workers_per_trial", 2)
+    params = {"model.width": 64, "optim.lr": 0.005}
+    alone = parse_spec(raw).train_config(params)
+    memory = plan_trial(dataclasses.replace(alone, data=dataclasses.replace(alone.data, micro_batch_size=8)), 2).memory.peak
+    spec = parse_spec(changed(raw, "budget.memory_per_worker_gib", memory / GIB))
+    config = spec.fitted(spec.train_config(params))
+    chosen = plan_trial(config, 2)
+    assert chosen.fits(memory) and config.data.micro_batch_size >= 8 and config.data.batch_size == 64
+    assert (config.data.micro_batch_size, config.activation_checkpointing) == (
+        fit(alone.model, batch=64, world_size=2, memory_bytes=memory).micro_batch, chosen.activation_checkpointing
+    )
+    assert not plan_trial(alone, 2).fits(memory)  # the whole 32 at once would not
+    explicit = parse_spec(changed(changed(raw, "budget.memory_per_worker_gib", 1.0), "fixed.data.micro_batch_size", 4))
+    assert explicit.fitted(explicit.train_config(params)).data.micro_batch_size == 4
 
 
 def test_the_default_root_is_under_runs_in_the_working_directory(tmp_path, monkeypatch):
@@ -127,7 +148,9 @@ BAD = [
     ("dataset without shards", "dataset", {"name": "cifar10"}, ["dataset.uri", "lipscale data convert"]),
     ("s3 root, default SQLite", "storage.root", "s3://bucket/study", ["storage.optuna", "s3://"]),
     ("unknown storage scheme", "storage.optuna", "redis://127.0.0.1/0", ["storage.optuna", "redis"]),
-    ("trial too big for its memory", "budget.memory_per_worker_gib", 0.0001, ["budget.memory_per_worker_gib", "GiB"]),
+    ("trial too big for its memory", "budget.memory_per_worker_gib", 0.0001,
+     ["budget.memory_per_worker_gib", "micro-batches of 1", "activation checkpointing block", "GiB"]),
+    ("micro-batch that does not divide", "fixed.data.micro_batch_size", 48, ["data.micro_batch_size", "48", "64"]),
     # checked by reaching out, still creating nothing:
     ("unreachable tracking server", "storage.mlflow", _unreachable_server(), ["storage.mlflow", "does not answer"]),
     (

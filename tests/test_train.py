@@ -5,6 +5,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 from typing import get_args, get_type_hints
 
 import pytest
@@ -132,6 +133,54 @@ def test_the_final_checkpoint_rebuilds_the_trained_model_from_nothing_else(resum
     images, _ = next(iter(test))
     with torch.no_grad():
         assert torch.equal(load_model(root / "shards")(images), model(images))
+
+
+def _restore_after_one_rank_found_its_newest_shard_corrupt(data: str, root: str) -> dict:
+    """On each of 2 ranks: a 2-epoch run checkpointing every epoch; then rank 1 flips a
+    byte of a shard it wrote into the newest checkpoint; then every rank looks for the
+    latest checkpoint (recording what it hashes) and the run goes on to epoch 3."""
+    rank = torch.distributed.get_rank()
+    train(_config(data, root, epochs=2), LocalSession(_config(data, root).checkpoint))
+    torch.distributed.barrier()  # every rank's checksums written
+    older, newest = sorted(Path(root).iterdir())
+    listings = [json.loads((newest / checkpoint.CHECKSUMS.format(rank=r)).read_text())["files"] for r in (0, 1)]
+    if rank == 1:
+        shard = newest / next(name for name in listings[1] if name.endswith(".distcp"))
+        data_bytes = bytearray(shard.read_bytes())
+        data_bytes[len(data_bytes) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data_bytes))
+    torch.distributed.barrier()
+    hashed, digest = [], checkpoint._size_and_digest
+    checkpoint._size_and_digest = lambda path: hashed.append(path) or digest(path)
+    try:
+        chosen = latest(root)
+    finally:
+        checkpoint._size_and_digest = digest
+    session = LocalSession(_config(data, root).checkpoint)
+    train(_config(data, root, epochs=3), session)
+    return {
+        "chosen": chosen.name, "older": older.name, "listings": listings,
+        "hashed": {(p.parent.name, p.name) for p in hashed}, "epochs": [m[EPOCH] for m in session.history],
+        "written": sorted(p.name for p in newest.glob("*.distcp")),
+    }  # fmt: skip
+
+
+def test_a_corrupt_newest_shard_on_one_rank_makes_every_rank_resume_from_the_same_older_checkpoint(
+    digits_shards, tmp_path
+):
+    """Each rank hashes only the files it wrote (as DCP's writer reported them), and the ranks
+    agree: rank 0's share of the newest checkpoint verifies, rank 1's does not, and both
+    resume from the checkpoint before it."""
+    per_rank = run_ranks(_restore_after_one_rank_found_its_newest_shard_corrupt, 2, digits_shards, str(tmp_path))
+    for rank, found in enumerate(per_rank):
+        assert found["chosen"] == found["older"] and found["epochs"] == [2, 3]
+        newest = {name for d, name in found["hashed"] if d != found["older"]}
+        assert newest and newest <= set(found["listings"][rank])  # its own files only
+        assert not newest & set(found["listings"][1 - rank])
+    listings = per_rank[0]["listings"]
+    shards = sorted(name for listing in listings for name in listing if name.endswith(".distcp"))
+    assert shards == per_rank[0]["written"]  # the listings name every shard DCP wrote, each once
+    assert checkpoint.METADATA in listings[0] and checkpoint.CONFIG in listings[0]
 
 
 def _tiny_step_setup(mesh=None):

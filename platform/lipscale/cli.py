@@ -94,12 +94,23 @@ def _report_files(parser: argparse.ArgumentParser) -> None:
 
 def _plan(parser: argparse.ArgumentParser) -> None:
     from lipnext.config import PRESETS  # `lipscale plan` imports torch anyway: lipnext's package does
+    from typing import get_args
+
+    from lipnext.train_config import ActivationCheckpointing
     from lipscale.plan import DTYPE_BYTES
 
     parser.add_argument("preset", metavar="PRESET", choices=list(PRESETS), help=f"one of: {', '.join(PRESETS)}")
     parser.add_argument("--world-size", type=int, default=1, help="ranks sharding the model with FSDP2 (default 1)")
     parser.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32", help="compute dtype (default fp32)")
-    parser.add_argument("--batch", type=int, required=True, help="samples per rank per step")
+    parser.add_argument("--batch", type=int, required=True, help="global batch, as the spec's data.batch_size")
+    parser.add_argument("--micro-batch", type=int, help="samples per rank per forward/backward (default: the per-rank batch)")
+    parser.add_argument(
+        "--activation-checkpointing", choices=get_args(ActivationCheckpointing), help="default none, or as --gpu-memory-gib needs"
+    )
+    parser.add_argument(
+        "--gpu-memory-gib", type=float,
+        help="memory per GPU: choose the largest micro-batch that fits (and checkpointing if it needs it)",
+    )  # fmt: skip
     parser.add_argument(
         "--flops-per-s", type=float, help="sustained FLOP/s of one rank (default: measured here with a matmul)"
     )

@@ -31,6 +31,7 @@ writes the JSON Schema that editors use (studies/specs/schema.json).
 """
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -319,6 +320,10 @@ class Spec(Strict):
                 raise ValueError(
                     f"data.batch_size: {batch} does not split over budget.workers_per_trial={b.workers_per_trial}"
                 )
+            if (micro := f.data.micro_batch_size) and (batch // b.workers_per_trial) % micro:
+                raise ValueError(
+                    f"data.micro_batch_size: {micro} does not divide the batch per worker, {batch // b.workers_per_trial}"
+                )
         if f.device == "cuda" and b.gpus_per_worker == 0:
             raise ValueError("fixed.device: cuda needs budget.gpus_per_worker > 0")
         if f.device == "cpu" and b.gpus_per_worker > 0:
@@ -328,15 +333,34 @@ class Spec(Strict):
 
     def _check_memory(self):
         b = self.budget
-        config = self.largest()
+        config = self.fitted(self.largest())
         p = plan_trial(config, b.workers_per_trial)
         if not p.fits(int(b.memory_per_worker_gib * GIB)):
             m = config.model
             raise ValueError(
                 f"budget.memory_per_worker_gib: the largest trial (width {m.width}, depth {m.depth}, batch "
-                f"{p.batch} per worker on {b.workers_per_trial}) needs {p.memory.peak / GIB:.3g} GiB per worker "
-                f"(`lipscale plan`), more than {b.memory_per_worker_gib:g}"
+                f"{p.per_rank_batch} per worker on {b.workers_per_trial}, in micro-batches of {p.micro_batch}, "
+                f"activation checkpointing {p.activation_checkpointing}) needs {p.memory.peak / GIB:.3g} GiB per "
+                f"worker (`lipscale plan`), more than {b.memory_per_worker_gib:g}"
             )
+
+    def fitted(self, config: TrainConfig) -> TrainConfig:
+        """The trial's config as it trains: with budget.memory_per_worker_gib and no
+        data.micro_batch_size, the largest micro-batch that the planner fits in that memory
+        (with activation checkpointing if only that fits; one the config asks for is kept)."""
+        b = self.budget
+        if b.memory_per_worker_gib is None or config.data.micro_batch_size is not None:
+            return config
+        from lipscale.plan import fit
+
+        chosen = fit(
+            config.model, batch=config.data.batch_size, world_size=b.workers_per_trial,
+            memory_bytes=int(b.memory_per_worker_gib * GIB), dtype=config.precision,
+            activation_checkpointing="block" if config.activation_checkpointing == "block" else None,
+            optimizer=config.optim.optimizer_kwargs(),
+        )  # fmt: skip
+        data = dataclasses.replace(config.data, micro_batch_size=chosen.micro_batch)
+        return dataclasses.replace(config, data=data, activation_checkpointing=chosen.activation_checkpointing)
 
     def _check_scheduler(self):
         s, first = self.scheduler, self.objective[0]
@@ -359,11 +383,12 @@ class Spec(Strict):
 
 
 def plan_trial(config: TrainConfig, workers: int):
-    """The planner's estimate of a trial's train step on each of its workers."""
+    """The planner's estimate of a trial's train step on each of its workers, as configured."""
     from lipscale.plan import plan
 
     return plan(
-        config.model, batch=config.data.batch_size // workers, world_size=workers, dtype=config.precision,
+        config.model, batch=config.data.batch_size, world_size=workers, micro_batch=config.data.micro_batch_size,
+        activation_checkpointing=config.activation_checkpointing, dtype=config.precision,
         optimizer=config.optim.optimizer_kwargs(),
     )  # fmt: skip
 

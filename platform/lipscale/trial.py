@@ -69,7 +69,7 @@ def run_trial(config: dict, spec: Spec) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     number, run_id = config[TRIAL_KEY][NUMBER_KEY], config[TRIAL_KEY][RUN_ATTR]
-    train_config = spec.train_config(config[PARAMS_KEY])
+    train_config = spec.fitted(spec.train_config(config[PARAMS_KEY]))
     _refuse_if_too_big(spec, train_config)
     with Tracking(spec).system_metrics(run_id):
         try:

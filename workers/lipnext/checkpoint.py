@@ -16,10 +16,14 @@ the platform copies to a model registry such as MLflow).
 
 A checkpoint is complete when every rank's checksum file is there: after
 DCP has written its shards (and rank 0 the metadata, config and export), each
-rank records the size and sha256 of the files it wrote. A truncated or
-corrupt checkpoint fails `verify` before DCP reads a byte of it; `latest`
-(and the Ray edge, lipnext.session.RaySession) pass over it to the newest one
-that verifies.
+rank records the size and sha256 of the files it wrote, as DCP's writer
+reports them (not a guess at DCP's file names). A truncated or corrupt
+checkpoint fails `verify` before DCP reads a byte of it. On restore each rank
+hashes only its share (`verified_everywhere`: the files of one saving rank,
+~1/world of the checkpoint, where each rank hashing everything was ~21 GB per
+rank at 1B) and the ranks agree on the verdict, so `latest` (and the Ray edge,
+lipnext.session.RaySession) pass over a checkpoint that any rank found bad, all
+ranks together, to the newest one that every rank verified.
 """
 
 import hashlib
@@ -33,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -101,17 +106,27 @@ class TrainingState(Stateful):
         self.progress.epoch, self.progress.step = state["progress"]["epoch"], state["progress"]["step"]
 
 
+class _Writer(FileSystemWriter):
+    """DCP's file writer, remembering the files this rank wrote (its write results)."""
+
+    def write_data(self, plan, planner):
+        written = super().write_data(plan, planner)
+        self.files = sorted({result.storage_data.relative_path for result in written.wait()})
+        return written
+
+
 def save(state: TrainingState, directory: str | os.PathLike, config: TrainConfig, export: bool = False) -> Path:
     """Every rank writes its shards into `directory` (local disk: Ray, or the
     caller, moves it to the run's storage; DCP straight to S3 is fragile), rank 0
     the config and, with `export`, the weights-only model.pt; then each its checksums."""
     directory = Path(directory)
-    dcp.save({"train": state}, checkpoint_id=str(directory))
+    writer = _Writer(directory)
+    dcp.save({"train": state}, storage_writer=writer)
     rank = _rank()
     if export:  # a collective under FSDP2: the full tensors arrive on rank 0, on its CPU
         weights = get_model_state_dict(state.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # Rank 0 returns from dcp.save after writing the metadata; other ranks list their own shards only.
-    names = sorted(p.name for p in directory.glob(f"__{rank}_*.distcp"))
+    # Rank 0 returns from dcp.save after writing the metadata.
+    names = list(writer.files)
     if rank == 0:
         (directory / CONFIG).write_text(json.dumps(config.to_dict(), indent=1))
         if export:
@@ -134,17 +149,23 @@ def _size_and_digest(path: Path) -> list:
     return [path.stat().st_size, digest.hexdigest()]
 
 
-def verify(directory: str | os.PathLike) -> None:
-    """Raises CheckpointError unless every rank's files are there with their recorded size and sha256."""
+def verify(directory: str | os.PathLike, share: tuple[int, int] | None = None) -> None:
+    """Raises CheckpointError unless every rank's checksum file is there and the files
+    listed in them have their recorded size and sha256: all of them, or with `share`
+    (rank, world) only those of the saving ranks rank, rank + world, ... (each rank's
+    own when the world size is the one saved)."""
     directory = Path(directory)
     first = directory / CHECKSUMS.format(rank=0)
     if not first.exists():
         raise CheckpointError(f"{first}: missing: the checkpoint was not completed")
-    world = json.loads(first.read_text())["world_size"]
-    for rank in range(world):
+    saved_world = json.loads(first.read_text())["world_size"]
+    for rank in range(saved_world):
         listing = directory / CHECKSUMS.format(rank=rank)
         if not listing.exists():
-            raise CheckpointError(f"{listing}: missing: rank {rank} of {world} did not complete the checkpoint")
+            raise CheckpointError(f"{listing}: missing: rank {rank} of {saved_world} did not complete the checkpoint")
+    mine = range(saved_world) if share is None else range(share[0], saved_world, share[1])
+    for rank in mine:
+        listing = directory / CHECKSUMS.format(rank=rank)
         for name, (size, sha256) in json.loads(listing.read_text())["files"].items():
             path = directory / name
             if not path.exists():
@@ -155,19 +176,39 @@ def verify(directory: str | os.PathLike) -> None:
                 raise CheckpointError(f"{path}: corrupt: its sha256 differs from {listing.name}'s")
 
 
+def verified_everywhere(directory: str | os.PathLike) -> bool:
+    """Whether every rank verifies its share of the checkpoint (`verify` with this rank's
+    share); every rank calls it on the same directory, and all get the same answer.
+    A rank that finds its share bad logs why."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    try:
+        verify(directory, share=(rank, world))
+        ok = True
+    except CheckpointError as e:
+        log.warning("passing over a bad checkpoint: %s", e)
+        ok = False
+    if not dist.is_initialized():
+        return ok
+    # On the collectives' device: NCCL moves only CUDA tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    verdict = torch.tensor(int(ok), device=device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+    if ok and not verdict.item():
+        log.warning("passing over %s: another rank found its share bad", directory)
+    return bool(verdict.item())
+
+
 def load(state: TrainingState, directory: str | os.PathLike) -> None:
-    verify(directory)
+    """Loads a checkpoint that `verified_everywhere` accepted (the sessions' restore)."""
     dcp.load({"train": state}, checkpoint_id=str(directory))
 
 
 def latest(root: str | os.PathLike) -> Path | None:
-    """The newest checkpoint directory under `root` that verifies, if any (bad ones are logged)."""
+    """The newest checkpoint directory under `root` that every rank verified, if any (bad
+    ones are logged); every rank calls it, and all get the same one."""
     for directory in sorted((p for p in Path(root).iterdir() if p.is_dir()), reverse=True):
-        try:
-            verify(directory)
+        if verified_everywhere(directory):
             return directory
-        except CheckpointError as e:
-            log.warning("passing over a bad checkpoint: %s", e)
     return None
 
 

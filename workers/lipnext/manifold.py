@@ -347,15 +347,23 @@ class ManifoldAdamW(torch.optim.Optimizer):
         stacks and scattered back after; whole ones are stacked by copying,
         except on CPUs (_stacks_by_copy), where each is a stack of one, a view.
         Either way about `exchange_bucket_mb` of whole tensors per rank exist
-        at a time.
+        at a time. On a mesh of one rank (FSDP2 at world size 1) each local
+        shard is its whole matrix: updated in place like an unsharded one, as
+        an exchange with itself copies every field twice (digits, width 128:
+        0.079 s a step instead of 0.036 s).
         """
         if not params:
             return
         states = [self._state(p, group) for p in params]
         fields = [self._fields(p, s, names) for p, s in zip(params, states)]
-        sent = [[*f.values(), p.grad] if with_grad else list(f.values()) for p, f in zip(params, fields)]
+        sharded = _is_sharded(params[0]) and params[0].device_mesh.size() > 1
+        if not sharded:
+            fields = [{k: _local(t) for k, t in f.items()} for f in fields]
+        sent = [list(f.values()) for f in fields]
+        if with_grad:
+            for tensors, p in zip(sent, params):
+                tensors.append(p.grad if sharded else _local(p.grad))
         n = len(fields[0])  # the gradient (last) does not go back
-        sharded = _is_sharded(params[0])
         pg = params[0].device_mesh.get_group() if sharded else None
         world, rank = (torch.distributed.get_world_size(pg), torch.distributed.get_rank(pg)) if sharded else (1, 0)
         # Owners balance the work over all matrices; buckets only bound memory.

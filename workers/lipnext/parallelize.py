@@ -1,18 +1,67 @@
-"""Sharding and materialisation of a LipNeXt built on the meta device.
+"""Activation checkpointing, compilation, sharding and materialisation of a
+LipNeXt built on the meta device.
 
 The model file knows nothing of this (torchtitan's split): build on meta,
-`apply_fsdp`, then `materialize` on the target device.
+`parallelize`, then `materialize` on the target device. Each block's forward
+is wrapped in place (module.forward), so the module tree and the state dict's
+names are those of the plain model: checkpoints load either way.
 """
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.checkpoint import checkpoint
 
 from lipnext.model import LipNeXt
+from lipnext.train_config import ActivationCheckpointing
+
+
+def parallelize(
+    model: LipNeXt, mesh: DeviceMesh | None, activation_checkpointing: ActivationCheckpointing = "none",
+    compile: bool = False,
+) -> None:  # fmt: skip
+    """torchtitan's order: activation checkpointing, then compile, then fully_shard per
+    block and the root (none with no `mesh`: an unsharded reference). Checkpointing first
+    so that compile traces the recomputation with the block (one graph); both inside
+    fully_shard, whose hooks around each block's call gather its weights before the
+    forward runs and again before backward recomputes it."""
+    if activation_checkpointing == "block":
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if mesh is not None:
+        apply_fsdp(model, mesh)
+
+
+def apply_activation_checkpointing(model: LipNeXt) -> None:
+    """Each block keeps only its input for backward, which recomputes the rest: per block
+    3 token-sized tensors and M R^T fewer saved (lipscale.plan), for one more forward.
+    Non-reentrant (torch's recommended form, which FSDP2 and compile support); no RNG
+    state saved, as no block draws random numbers."""
+    for block in model.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, preserve_rng_state=False)
+
+
+def apply_compile(model: LipNeXt) -> None:
+    """torch.compile each block's forward (all blocks share one graph: same code, same
+    shapes). The forward, not the module's call: FSDP2's hooks around the call stay eager."""
+    for block in model.blocks:
+        block.forward = torch.compile(block.forward)
+
+
+def micro_batch_sync(model: nn.Module, last: bool) -> None:
+    """Before a micro-batch's backward: FSDP2 reduce-scatters the gradients only after the
+    last micro-batch of a step (the earlier ones accumulate whole, unsharded, on every
+    rank: one reduce-scatter per step instead of one per micro-batch, for whole
+    gradients held; lipscale.plan counts them), and finishes the backward only then."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last)
+        model.set_is_last_backward(last)
 
 
 def apply_fsdp(model: LipNeXt, mesh: DeviceMesh) -> None:

@@ -1,12 +1,17 @@
-"""Runs a function on N local CPU ranks (gloo, real processes) and collects what each returns.
+"""Process groups: one of a single rank for a lone process, and N local CPU ranks
+(gloo, real processes) that run a function and return what each returns.
 
-For trying FSDP2 code paths without a cluster: the tests compare sharded runs
+Training always shards with FSDP2 (lipnext.train), which needs a process group
+even for one process (`python -m lipnext.train`, a Tune trial in its own
+process, a test): `process_group` makes one when none exists. `run_ranks` is
+for trying FSDP2 code paths without a cluster: the tests compare sharded runs
 with one process, and benchmarks/worker_step.py times them.
 
     from lipnext.ranks import run_ranks
     per_rank = run_ranks(fn, 2, arg)      # fn(arg) on ranks 0 and 1; [result_0, result_1]
 """
 
+import contextlib
 import os
 import tempfile
 
@@ -14,6 +19,23 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.elastic.utils.distributed import get_free_port
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device):
+    """The default process group as it is (torchrun's, Ray Train's, run_ranks'), or one
+    of this process alone for the duration (nccl on a GPU, gloo on the CPU), in an
+    in-process store: no port or file to find, so trials in concurrent processes
+    cannot collide."""
+    if dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _entry(rank, world, port, out_dir, threads, fn, args):

@@ -6,14 +6,11 @@ them in the run's storage.
 """
 
 import contextlib
-import logging
 import tempfile
 from pathlib import Path
 
 from lipnext import checkpoint
 from lipnext.train_config import CheckpointConfig
-
-log = logging.getLogger("lipnext.session")
 
 
 class LocalSession:
@@ -54,16 +51,13 @@ class RaySession:
     @contextlib.contextmanager
     def checkpoint_to_restore(self):
         """Ray's latest checkpoint, or the newest older one kept beside it when that one
-        fails verification (a truncated or corrupt upload); None if none verifies."""
+        fails verification on any rank (a truncated or corrupt upload); None if none
+        verifies. Every rank checks its share and all take the same one."""
         for candidate in _newest_first(self.api.get_checkpoint()):
             with candidate.as_directory() as directory:
-                try:
-                    checkpoint.verify(directory)
-                except checkpoint.CheckpointError as e:
-                    log.warning("passing over a bad checkpoint: %s", e)
-                    continue
-                yield Path(directory)
-                return
+                if checkpoint.verified_everywhere(directory):
+                    yield Path(directory)
+                    return
         yield None
 
     @contextlib.contextmanager

@@ -5,11 +5,14 @@
     TorchTrainer(train_loop_per_worker, train_loop_config=config.to_dict())   # Ray Train
 
 Three parts that the loop, the benchmarks and the tests share:
-`build_model` (on the meta device, sharded with FSDP2 when there is more than
-one rank, then materialised: the same weights as an unsharded init with the
-same seed), `build_optimizer` (the manifold optimizer from OptimConfig) and
-`train_step` (forward, offset cross-entropy, backward, clipping, optimizer
-step). `train` loops over them; at every epoch end it syncs Lookahead,
+`build_model` (on the meta device, parallelised by lipnext.parallelize:
+activation checkpointing and compile as configured, FSDP2 over the mesh,
+then materialised: the same weights as an unsharded init with the same seed),
+`build_optimizer` (the manifold optimizer from OptimConfig) and `train_step`
+(forward, offset cross-entropy and backward per micro-batch, clipping,
+optimizer step). One parallel path, torchtitan's: `train` shards with FSDP2 at
+every world size, one rank included (a process group of one when none
+exists), so a one-GPU run takes the same sharded optimizer as a 64-GPU one. `train` loops over them; at every epoch end it syncs Lookahead,
 projects the matrices onto their manifold, evaluates certified accuracy
 (lipnext.certify), audits the certificate (lipnext.audit) and checkpoints with
 DCP (lipnext.checkpoint). A session is the edge
@@ -57,9 +60,18 @@ from lipnext.metrics import (
     UNSOUND,
 )
 from lipnext.model import LipNeXt, train_flops_per_sample
-from lipnext.parallelize import apply_fsdp, materialize
+from lipnext.parallelize import materialize, micro_batch_sync, parallelize
+from lipnext.ranks import process_group
 from lipnext.session import LocalSession, RaySession
-from lipnext.train_config import CheckpointConfig, DataConfig, Device, OptimConfig, Precision, TrainConfig
+from lipnext.train_config import (
+    ActivationCheckpointing,
+    CheckpointConfig,
+    DataConfig,
+    Device,
+    OptimConfig,
+    Precision,
+    TrainConfig,
+)
 
 log = logging.getLogger("lipnext.train")
 
@@ -98,6 +110,8 @@ class NonFiniteStep(ArithmeticError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of `name`; for cuda this process's current GPU, which the edges set from
+    the local rank (main under torchrun, train_loop_per_worker under Ray Train)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -105,15 +119,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(config: LipNeXtConfig, device: torch.device, seed: int = 0, mesh: DeviceMesh | None = None) -> LipNeXt:
-    """LipNeXt built on the meta device, sharded with FSDP2 over `mesh` if given,
-    then materialised on `device` with the weights of LipNeXt.init_weights(seed)."""
+def build_model(
+    config: LipNeXtConfig, device: torch.device, seed: int = 0, mesh: DeviceMesh | None = None,
+    activation_checkpointing: ActivationCheckpointing = "none", compile: bool = False,
+) -> LipNeXt:  # fmt: skip
+    """LipNeXt built on the meta device, parallelised (lipnext.parallelize: sharded with
+    FSDP2 over `mesh` if given), then materialised on `device` with the weights of
+    LipNeXt.init_weights(seed)."""
     with torch.device("meta"):
         model = LipNeXt(config)
-    if mesh is not None:
-        apply_fsdp(model, mesh)
+    parallelize(model, mesh, activation_checkpointing, compile)
     materialize(model, device, seed)
     return model
+
+
+def build_training_model(config: TrainConfig, device: torch.device) -> LipNeXt:
+    """The model `train` trains: config's, sharded with FSDP2 over every rank of the
+    default process group (one included), with its checkpointing and compile options."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return build_model(config.model, device, config.seed, mesh, config.activation_checkpointing, config.compile)
 
 
 def build_optimizer(model: LipNeXt, config: OptimConfig) -> ManifoldAdamW:
@@ -143,28 +167,37 @@ def train_step(
     model: LipNeXt, optimizer: ManifoldAdamW, images: torch.Tensor, labels: torch.Tensor, eps: float,
     config: TrainConfig,
 ) -> torch.Tensor:  # fmt: skip
-    """One step of training: forward (bf16 autocast when config.precision is bf16;
-    the weights stay fp32), the offset cross-entropy at radius `eps`, backward,
-    clipping to config.optim.grad_clip and the manifold step. Returns this rank's
-    loss, detached, on the images' device.
+    """One step of training on this rank's batch: per micro-batch of
+    config.data.micro_batch_size (the whole batch if None) a forward (bf16 autocast
+    when config.precision is bf16; the weights stay fp32), the offset cross-entropy at
+    radius `eps` weighted by the micro-batch's share of the batch (so the gradients add
+    up to the whole batch's mean loss's) and a backward; then clipping to
+    config.optim.grad_clip and one manifold step. Returns this rank's mean loss over
+    the batch, detached, on the images' device.
 
     Raises NonFiniteStep, before the optimizer step, when the gradient norm is
     not finite (a non-finite loss makes every gradient NaN). The norm is the one
     clipping needs anyway, already reduced over ranks, so every rank stops at the
     same step, for one scalar host sync per step (under FSDP2 a rank that raised
     alone would leave the others waiting in a collective)."""
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-        logits = model(images)
-    loss = offset_cross_entropy(logits.float(), labels, eps, temperature=config.loss.temperature)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    micro = config.data.micro_batch_size or len(labels)
+    batches = list(zip(images.split(micro), labels.split(micro)))
+    loss = torch.zeros((), device=images.device)
+    for i, (x, y) in enumerate(batches):
+        micro_batch_sync(model, last=i == len(batches) - 1)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            logits = model(x)
+        share = offset_cross_entropy(logits.float(), y, eps, temperature=config.loss.temperature) * (len(y) / len(labels))
+        share.backward()
+        loss += share.detach()
     grad_norm = _grad_norm(model)
     if not torch.isfinite(grad_norm):
-        raise NonFiniteStep(loss.detach(), grad_norm)
+        raise NonFiniteStep(loss, grad_norm)
     if config.optim.grad_clip:
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), config.optim.grad_clip, grad_norm)
     optimizer.step()
-    return loss.detach()
+    return loss
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
@@ -226,11 +259,14 @@ def _rank() -> int:
 def train(config: TrainConfig, session) -> dict:
     """Trains to config.epochs (resuming from the session's checkpoint, if
     any) and returns the last reported metrics."""
-    rank, world = _rank(), _world()
     device = resolve_device(config.device)
-    if config.data.batch_size % world:
-        raise ValueError(f"data.batch_size={config.data.batch_size} does not split over {world} workers")
-    batch = config.data.batch_size // world
+    with process_group(device):
+        return _train(config, session, device)
+
+
+def _train(config: TrainConfig, session, device: torch.device) -> dict:
+    rank, world = _rank(), _world()
+    batch, _ = config.per_rank_batch(world)
     torch.manual_seed(config.seed)
 
     dataset = open_dataset(config.data.uri)
@@ -242,9 +278,7 @@ def train(config: TrainConfig, session) -> dict:
     test_loader = ShardLoader(dataset, "test", batch, shuffle=False, **common)
     sample = audit_sample(dataset, config.audit_points, config.seed) if config.audit_points else None
 
-    # FSDP2 only with more than one rank.
-    mesh = init_device_mesh(device.type, (world,)) if world > 1 else None
-    model = build_model(config.model, device, config.seed, mesh)
+    model = build_training_model(config, device)
     optimizer = build_optimizer(model, config.optim)
     total_steps = config.epochs * len(train_loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, config.optim.warmup_fraction))
@@ -345,6 +379,10 @@ def train_in_ray(config: TrainConfig, session: RaySession) -> None:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry: config is TrainConfig.to_dict()."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if torch.cuda.is_available():
+        import ray.train.torch
+
+        torch.cuda.set_device(ray.train.torch.get_device())  # this worker's GPU, by its local rank
     train_in_ray(TrainConfig.from_dict(config), RaySession())
 
 
@@ -354,6 +392,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=DataConfig.uri, help="dataset URI (see `lipscale data convert`)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=DataConfig.batch_size, help="global batch")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="samples per rank per forward/backward")
+    p.add_argument(
+        "--activation-checkpointing", choices=get_args(ActivationCheckpointing), default=TrainConfig.activation_checkpointing
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--lr", type=float, default=OptimConfig.lr)
     p.add_argument("--augment", choices=get_args(Augmentation), default=DataConfig.augment)
     p.add_argument("--precision", choices=get_args(Precision), default=TrainConfig.precision)
@@ -371,18 +414,25 @@ def main(argv: list[str] | None = None) -> dict:
         config = TrainConfig(
             model=preset(args.preset),
             optim=OptimConfig(lr=args.lr),
-            data=DataConfig(uri=args.data, batch_size=args.batch_size, augment=args.augment),
+            data=DataConfig(
+                uri=args.data, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, augment=args.augment
+            ),
             checkpoint=CheckpointConfig(dir=args.checkpoint_dir),
             epochs=args.epochs,
             seed=args.seed,
             precision=args.precision,
             device=args.device,
+            activation_checkpointing=args.activation_checkpointing,
+            compile=args.compile,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     torchrun = "RANK" in os.environ
     if torchrun and not dist.is_initialized():
-        dist.init_process_group("nccl" if resolve_device(args.device).type == "cuda" else "gloo")
+        cuda = resolve_device(args.device).type == "cuda"
+        if cuda:  # else every rank of a node lands on cuda:0
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
     rank = _rank()  # before the process group goes
     try:
         metrics = train(config, LocalSession(config.checkpoint))

@@ -18,6 +18,8 @@ Precision = Literal["fp32", "bf16"]
 IncrementDtype = Literal["bfloat16", "float32"]
 """Dtype of the manifold step's matmuls (lipnext.manifold); the weights stay fp32."""
 Device = Literal["auto", "cpu", "cuda"]
+ActivationCheckpointing = Literal["none", "block"]
+"""What backward recomputes instead of keeping (lipnext.parallelize)."""
 
 
 def _require_count(name: str, value, low: int) -> None:
@@ -99,6 +101,11 @@ class DataConfig:
     """A dataset in the Parquet shard format (`lipscale data convert`): a path, file:// or s3://."""
     batch_size: int = 128
     """Global batch: split evenly over the workers."""
+    micro_batch_size: int | None = None
+    """Samples per rank in each forward and backward; the per-rank batch (batch_size / workers)
+    must be a multiple of it, and one optimizer step takes the whole global batch (gradients
+    accumulated over the micro-batches). None: the per-rank batch at once, or in a study with
+    budget.memory_per_worker_gib the largest that the planner fits (`lipscale plan`)."""
     augment: Augmentation | None = None
     """'crop_flip' (CIFAR-like), 'random_resized_crop' (ImageNet) or None (lipnext.augment)."""
     prefetch: int = 4
@@ -106,6 +113,8 @@ class DataConfig:
 
     def __post_init__(self):
         require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "be positive", self.batch_size)
+        if self.micro_batch_size is not None:
+            _require_count("micro_batch_size", self.micro_batch_size, 1)
         require_choice("augment", self.augment, Augmentation, optional=True)
         _require_count("prefetch", self.prefetch, 1)
 
@@ -141,6 +150,15 @@ class TrainConfig:
     """'fp32' or 'bf16' (bf16 compute; fp32 weights, gradient reduction and optimizer state)."""
     device: Device = "auto"
     """'cpu', 'cuda' or 'auto' (cuda when available)."""
+    activation_checkpointing: ActivationCheckpointing = "none"
+    """'block': backward recomputes each block from its input instead of keeping the block's
+    saved tensors (3 token-sized ones and M R^T), for one more forward of the blocks;
+    'none' keeps everything."""
+    compile: bool = False
+    """torch.compile each block's forward (inductor). Off by default: on these CPUs it gained
+    nothing measurable (0.94x and 1.08x the eager step at digits width 128 and cifar-l8w256,
+    benchmarks/results/step_options.json) for a compile per input shape; on a GPU it is
+    untried."""
 
     def __post_init__(self):
         require(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "be positive", self.epochs)
@@ -148,6 +166,22 @@ class TrainConfig:
         _require_count("audit_points", self.audit_points, 0)
         require_choice("precision", self.precision, Precision)
         require_choice("device", self.device, Device)
+        require_choice("activation_checkpointing", self.activation_checkpointing, ActivationCheckpointing)
+        require(isinstance(self.compile, bool), "compile", "be true or false", self.compile)
+
+    def per_rank_batch(self, world: int) -> tuple[int, int]:
+        """(samples per rank per step, micro-batches per step) on `world` ranks; raises
+        ValueError, naming the field, when the batches do not split so."""
+        if self.data.batch_size % world:
+            raise ValueError(f"data.batch_size={self.data.batch_size} does not split over {world} workers")
+        batch = self.data.batch_size // world
+        micro = self.data.micro_batch_size or batch
+        if batch % micro:
+            raise ValueError(
+                f"data.micro_batch_size={micro} does not divide the batch per worker, {batch} "
+                f"(data.batch_size={self.data.batch_size} over {world})"
+            )
+        return batch, batch // micro
 
     def to_dict(self) -> dict:
         return asdict(self)
