@@ -8,7 +8,7 @@ Three parts that the loop, the benchmarks and the tests share:
 `build_model` (on the meta device, sharded with FSDP2 when there is more than
 one rank, then materialised: the same weights as an unsharded init with the
 same seed), `build_optimizer` (the manifold optimizer from OptimConfig) and
-`train_step` (forward, offset cross-entropy, backward, clipping, optimizer
+`train_step` (forward, the certified-margin loss, backward, clipping, optimizer
 step). `train` loops over them; at every epoch end it syncs Lookahead,
 projects the matrices onto their manifold, evaluates certified accuracy
 (lipnext.certify), audits the certificate (lipnext.audit) and checkpoints with
@@ -33,10 +33,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from lipnext import checkpoint
 from lipnext.audit import UnsoundCertificate, audit, audit_sample
 from lipnext.augment import Augmentation
-from lipnext.certify import Certificate, accuracies, certified_counts, offset_cross_entropy
+from lipnext.certify import Certificate, accuracies, certified_counts, feature_lipschitz
 from lipnext.config import PRESETS, LipNeXtConfig, preset
 from lipnext.data import DataError, open_dataset
 from lipnext.loader import ShardLoader
+from lipnext.loss import certified_margin_loss
 from lipnext.manifold import ManifoldAdamW, param_groups
 from lipnext.metrics import (
     ACCURACIES,
@@ -121,13 +122,18 @@ def build_optimizer(model: LipNeXt, config: OptimConfig) -> ManifoldAdamW:
     return ManifoldAdamW(param_groups(model), **config.optimizer_kwargs())
 
 
-def warmup_cosine(total_steps: int, warmup_fraction: float):
-    warmup = max(1, round(total_steps * warmup_fraction))
+def warmup_cosine(config: OptimConfig, steps_per_epoch: int, epochs: int):
+    """The lr factor of each step (LambdaLR's): a linear warm-up over config.warmup_epochs,
+    then a cosine from 1 down to lr_floor / lr at the last step."""
+    total = steps_per_epoch * epochs
+    warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
+    floor = config.lr_floor / config.lr
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        return floor + (1 - floor) * cosine
 
     return factor
 
@@ -144,7 +150,7 @@ def train_step(
     config: TrainConfig,
 ) -> torch.Tensor:  # fmt: skip
     """One step of training: forward (bf16 autocast when config.precision is bf16;
-    the weights stay fp32), the offset cross-entropy at radius `eps`, backward,
+    the weights stay fp32), the loss config.loss.kind at radius `eps` (lipnext.loss), backward,
     clipping to config.optim.grad_clip and the manifold step. Returns this rank's
     loss, detached, on the images' device.
 
@@ -155,7 +161,12 @@ def train_step(
     alone would leave the others waiting in a collective)."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
         logits = model(images)
-    loss = offset_cross_entropy(logits.float(), labels, eps, temperature=config.loss.temperature)
+    head = model.head.weight
+    head = head.full_tensor() if hasattr(head, "full_tensor") else head  # K x width: small, gathered whole
+    loss = certified_margin_loss(
+        config.loss.kind, logits.float(), labels, eps, head.float(), feature_lipschitz(config.model),
+        config.loss.temperature,
+    )  # fmt: skip
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = _grad_norm(model)
@@ -246,8 +257,8 @@ def train(config: TrainConfig, session) -> dict:
     mesh = init_device_mesh(device.type, (world,)) if world > 1 else None
     model = build_model(config.model, device, config.seed, mesh)
     optimizer = build_optimizer(model, config.optim)
-    total_steps = config.epochs * len(train_loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, config.optim.warmup_fraction))
+    lr_factor = warmup_cosine(config.optim, len(train_loader), config.epochs)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     progress = checkpoint.Progress()
     state = checkpoint.TrainingState(model, optimizer, schedule, train_loader, progress)
     with session.checkpoint_to_restore() as restore:
@@ -259,16 +270,15 @@ def train(config: TrainConfig, session) -> dict:
         PARAMS: sum(p.numel() for p in model.parameters()),
         FLOPS_PER_SAMPLE: train_flops_per_sample(config.model, batch),
     }
-    ramp = config.loss.eps_ramp_fraction * total_steps
     metrics: dict = {}
     start_time, first_epoch = time.perf_counter(), progress.epoch
     for epoch in range(first_epoch, config.epochs):
         losses, step_times = [], []
         epoch_start = time.perf_counter()
+        eps = config.loss.eps(epoch, config.epochs)
         for images, labels in train_loader:
             step_start = time.perf_counter()
             images, labels = images.to(device, non_blocking=True), labels.to(device)
-            eps = config.loss.eps_train * min(1.0, progress.step / ramp) if ramp else config.loss.eps_train
             try:
                 losses.append(train_step(model, optimizer, images, labels, eps, config))
             except NonFiniteStep as e:
