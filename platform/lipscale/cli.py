@@ -145,7 +145,9 @@ def _data(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--size", type=int, default=size, help="image side after resize and centre crop")
         p.add_argument("--encoding", choices=("raw", "png"), default=encoding, help="how images are stored")
         p.add_argument("--seed", type=int, default=0, help="seed of the shuffled write order")
-        p.set_defaults(options=("size", "encoding", "seed"))
+        p.add_argument("--classes", type=_positive, help="keep this many classes (LiResNet's seeded draw)")
+        p.add_argument("--class-seed", type=int, default=2023, help="seed of the class draw (2023: the paper's)")
+        p.set_defaults(options=("size", "encoding", "seed", "classes", "class_seed"))
 
 
 COMMANDS = {
