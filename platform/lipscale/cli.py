@@ -90,14 +90,18 @@ def _plan(parser: argparse.ArgumentParser) -> None:
     from lipnext.config import PRESETS  # `lipscale plan` imports torch anyway: lipnext's package does
     from lipscale.plan import DTYPE_BYTES
 
-    parser.add_argument("preset", metavar="PRESET", choices=list(PRESETS), help=f"one of: {', '.join(PRESETS)}")
+    parser.add_argument(
+        "preset", metavar="PRESET", nargs="?", choices=list(PRESETS), help=f"one of: {', '.join(PRESETS)}"
+    )
+    parser.add_argument("--spec", help="a study spec: plan its largest trial and print its GPU-hours")
     parser.add_argument("--world-size", type=int, default=1, help="ranks sharding the model with FSDP2 (default 1)")
     parser.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32", help="compute dtype (default fp32)")
-    parser.add_argument("--batch", type=int, required=True, help="samples per rank per step")
+    parser.add_argument("--batch", type=int, help="samples per rank per step (with PRESET)")
     parser.add_argument(
-        "--flops-per-s", type=float, help="sustained FLOP/s of one rank (default: measured here with a matmul)"
-    )
-    parser.set_defaults(run="lipscale.plan:plan_command")
+        "--flops-per-s", type=float,
+        help="sustained FLOP/s of one rank (default: measured here with a matmul; with --spec 4e14, an H100's 40%%)",
+    )  # fmt: skip
+    parser.set_defaults(run="lipscale.cost:plan_command")
 
 
 # --- datasets ---------------------------------------------------------------------------------
