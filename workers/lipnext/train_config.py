@@ -131,7 +131,8 @@ class DataConfig:
     batch_size: int = 128
     """Global batch: split evenly over the workers."""
     augment: Augmentation | None = None
-    """'crop_flip' (CIFAR-like), 'random_resized_crop' (ImageNet) or None (lipnext.augment)."""
+    """'crop_flip' (CIFAR-like), 'crop_flip_randaugment' (the paper's CIFAR and Tiny-ImageNet
+    recipe), 'random_resized_crop' (ImageNet) or None (lipnext.augment)."""
     prefetch: int = 4
     """Batches the loader keeps ready."""
 
