@@ -4,7 +4,8 @@
     python benchmarks/loader.py --smoke    # seconds, a small dataset and model: checks the script runs
 
 Writes benchmarks/results/loader.json: samples/s of ShardLoader (shuffled,
-crop+flip augmented, from freshly generated `shapes` shards) and of the
+crop+flip augmented, from freshly generated `shapes` shards; and with
+RandAugment on top, epochs of the two interleaved) and of the
 training worker's train_step (lipnext.train) on the mid-size preset
 cifar-l8w256 at the same batch size, their ratio (target >= 5), and how long
 the step waited for the loader when the two run together.
@@ -58,10 +59,15 @@ def main():
         config = ShapesConfig(train=args.samples, test=args.batch_size)
         write_dataset(shapes_plan(config, shard_size=5_000), root)
 
-        def loader():
-            return ShardLoader(root, "train", args.batch_size, drop_last=True, augment="crop_flip")
+        def loader(augment="crop_flip"):
+            return ShardLoader(root, "train", args.batch_size, drop_last=True, augment=augment)
 
-        loader_rates = loader_samples_per_s(loader(), epochs=6)[1:]  # the first epoch warms up
+        loaders = {name: loader(name) for name in ("crop_flip", "crop_flip_randaugment")}
+        rates = {name: [] for name in loaders}
+        for epoch in range(6):  # interleaved; the first epoch of each warms up
+            for name, each in loaders.items():
+                rates[name] += loader_samples_per_s(each, epochs=1)[epoch == 0 :]
+        loader_rates = rates["crop_flip"]
 
         run = TrainConfig(model=preset("cifar-l8w256", **(dict(width=32, depth=1) if args.smoke else {})))
         model = build_model(run.model, torch.device("cpu"))
@@ -86,12 +92,15 @@ def main():
             fed_steps.append(time.perf_counter() - start)
 
     loader_rate = statistics.median(loader_rates)
+    randaugment_rate = statistics.median(rates["crop_flip_randaugment"])
     train_rate = args.batch_size / statistics.median(step_times)
     result = dict(
         loader_samples_per_s=round(loader_rate),
         train_step_samples_per_s=round(train_rate, 1),
         ratio=round(loader_rate / train_rate, 1),
         target_ratio=5,
+        randaugment_loader_samples_per_s=round(randaugment_rate),
+        randaugment_ratio=round(randaugment_rate / train_rate, 1),
         fed_step_wait_fraction=round(sum(waits[1:]) / sum(fed_steps[1:]), 4),
         loader_epoch_samples_per_s=[round(r) for r in loader_rates],
         train_step_s=[round(t, 3) for t in step_times],

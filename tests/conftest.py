@@ -26,10 +26,10 @@ def trained_tiny(digits):
     config = TrainConfig(model=preset("tiny"))
     model = build_model(config.model, torch.device("cpu"), seed=0)
     optimizer = build_optimizer(model, config.optim)
-    steps = 900
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, config.optim.warmup_fraction))
+    steps_per_epoch, epochs = 12, 75  # 900 steps, about 1500 / 128 a pass
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.optim, steps_per_epoch, epochs))
     g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
+    for _ in range(steps_per_epoch * epochs):
         idx = torch.randint(0, len(x), (128,), generator=g)
         train_step(model, optimizer, x[idx], y[idx], 36 / 255, config)
         schedule.step()

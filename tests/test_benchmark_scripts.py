@@ -40,6 +40,12 @@ SMOKE = {  # script: (its arguments, the file it writes, a check of what it wrot
         "audit_cost_smoke.json",
         lambda r: r["evaluations"] == 1 and r["share_of_trial"] > 0 and r["audit"]["audit/flips_at_radius"] == 0,
     ),
+    "recipe.py": (
+        ["--smoke", "--lrs", "0.01"],
+        "recipe_smoke.json",
+        lambda r: {"offset_ce", "emma", "emma_liresnet", "patch_2"} <= set(r["best"])
+        and all(b["epochs"] >= 1 and 0 <= b["eval/cra_36"] <= b["eval/clean_acc"] <= 1 for b in r["best"].values()),
+    ),
 }  # fmt: skip
 
 

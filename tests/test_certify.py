@@ -19,7 +19,6 @@ from lipnext.certify import (
     class_gaps,
     lipschitz_bound,
     margin_radius,
-    offset_cross_entropy,
     orthogonality_error,
 )
 from lipnext.layers import OrthogonalLinear
@@ -117,15 +116,6 @@ def test_certified_accuracies_count_radii_strictly_above_each_eps():
     radius = torch.tensor([-0.1, 0.0, 0.1, 36 / 255 + 1e-4, 0.5, 2.0])
     acc = certified_accuracies(radius)
     assert acc == {CLEAN_ACC: 4 / 6, cra(36): 3 / 6, cra(72): 2 / 6, cra(108): 2 / 6, cra(255): 1 / 6}
-
-
-def test_offset_cross_entropy_demands_the_certifying_margin():
-    logits, labels = torch.randn(64, 10), torch.randint(0, 10, (64,))
-    plain = F.cross_entropy(logits / 0.25, labels) * 0.25
-    assert offset_cross_entropy(logits, labels, eps=0.0) == pytest.approx(plain.item())
-    # Adding the margin sqrt(2) * eps to the true logit undoes the offset.
-    shifted = logits + math.sqrt(2) * 0.5 * F.one_hot(labels, 10)
-    assert offset_cross_entropy(shifted, labels, eps=0.5) == pytest.approx(plain.item(), rel=1e-5)
 
 
 def test_bf16_forward_agrees_with_fp32():

@@ -18,7 +18,7 @@ from PIL import Image
 from lipnext.data import DataError, open_dataset
 from lipnext.loader import ShardLoader
 from lipscale.cli import main
-from lipscale.data.convert import convert, plan
+from lipscale.data.convert import class_subset, convert, plan
 from lipscale.data.parts import Part
 from lipscale.data.shapes import ShapesConfig, shapes_plan
 from lipscale.data.shards import write_dataset
@@ -193,6 +193,31 @@ def test_class_folders_round_trip_in_shuffled_shards(tmp_path, name, encoding):
         assert loaded_pairs(str(tmp_path / "out"), split) == source_pairs(tmp_path / "src", labels, source_split)
     _, train_labels = read_split(str(tmp_path / "out"), "train")
     assert train_labels.tolist() != sorted(train_labels.tolist())  # written shuffled, not class by class
+
+
+def test_a_class_subset_is_liresnets_seeded_draw_and_identical_across_conversions(tmp_path):
+    labels = write_class_tree(tmp_path / "src")
+    subsets = []
+    for out in ("a", "b"):
+        main(["data", "convert", "imagenet", str(tmp_path / "src"), str(tmp_path / out), "--size", "16",
+              "--classes", "2", "--class-seed", "2023"])  # fmt: skip
+        subsets.append(files(tmp_path / out))
+    assert subsets[0] == subsets[1]  # byte for byte, manifest included
+    torch.manual_seed(2023)  # LiResNet's rule, on the global generator
+    chosen = sorted(torch.randperm(len(CLASSES))[:2].tolist())
+    manifest = open_dataset(str(tmp_path / "a")).manifest
+    assert manifest.classes == tuple(CLASSES[i] for i in chosen)  # in increasing class order
+    kept = {m: chosen.index(y) for m, y in labels.items() if y in chosen}  # relabelled 0, 1
+    for split, source_split in (("train", "train"), ("test", "val")):
+        assert loaded_pairs(str(tmp_path / "a"), split) == source_pairs(tmp_path / "src", kept, source_split)
+
+
+def test_the_400_class_imagenet_subset_is_liresnets():
+    names = tuple(f"n{i:08d}" for i in range(1000))
+    subset = class_subset(names, 400, 2023)
+    torch.manual_seed(2023)
+    assert subset == tuple(names[i] for i in sorted(torch.randperm(1000)[:400].tolist()))
+    assert len(subset) == 400 and list(subset) == sorted(subset)
 
 
 def _zip(src: Path, path: Path, top: str = ""):

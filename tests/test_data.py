@@ -115,7 +115,7 @@ def test_a_full_pass_moves_on_to_the_next_epoch(numbered):
     assert loader.epoch == 2 and first != second and sorted(first) == sorted(second)
 
 
-@pytest.mark.parametrize("augment", [None, "crop_flip"])
+@pytest.mark.parametrize("augment", [None, "crop_flip", "crop_flip_randaugment"])
 def test_resume_mid_epoch_yields_exactly_the_remaining_samples(numbered, augment):
     def loader():
         return ShardLoader(numbered, "train", 8, rank=1, world_size=2, seed=3, shuffle_window=20, augment=augment)

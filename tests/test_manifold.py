@@ -398,6 +398,60 @@ def test_weight_decay_applies_to_euclidean_groups_only():
         ManifoldAdamW([{"params": [torch.nn.Parameter(torch.eye(3))], "manifold": "stiefel", "weight_decay": 0.1}])
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_nadam_moments_step_euclidean_parameters_as_torch_nadam(weight_decay):
+    """moments='nadam' is torch.optim.NAdam's rule (decoupled weight decay, as AdamW's
+    is here): 30 steps of the same gradients agree to float32 rounding (one product
+    order differs: torch adds its two terms to the weight one after the other)."""
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(5, 7))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.999), weight_decay=weight_decay, momentum_decay=4e-3)
+    opt = ManifoldAdamW([ours], moments="nadam", lookahead_steps=0, reorthogonalize_every=0, **kwargs)
+    reference = torch.optim.NAdam([theirs], decoupled_weight_decay=True, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        ours.grad = torch.randn(5, 7, generator=g)
+        theirs.grad = ours.grad.clone()
+        opt.step()
+        reference.step()
+    assert torch.allclose(ours, theirs, rtol=0, atol=2e-6)
+    assert opt.state[ours]["mu_product"] == reference.state[theirs]["mu_product"]
+    assert not torch.allclose(ours, _adam_run(kwargs), atol=1e-3)  # a different rule from Adam's
+
+
+def _adam_run(kwargs):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 7))
+    opt = ManifoldAdamW([w], moments="adam", lookahead_steps=0, reorthogonalize_every=0, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        w.grad = torch.randn(5, 7, generator=g)
+        opt.step()
+    return w.detach()
+
+
+def test_nadam_moments_keep_orthogonal_matrices_on_their_manifold_and_stack_exactly(monkeypatch):
+    """In the Lie algebra: the step is skew, so the matrices stay orthogonal; the stacked
+    update (as on GPUs) gives the same bits as matrix by matrix."""
+
+    def run():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(polar(torch.randn(32, 32))) for _ in range(3)]
+        opt = ManifoldAdamW([{"params": ps, "manifold": "stiefel"}], lr=1e-3, moments="nadam", increment_dtype="float32")
+        g = torch.Generator().manual_seed(1)
+        for _ in range(20):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return [p.detach().clone() for p in ps]
+
+    alone = run()
+    assert max(orthogonality_error(p) for p in alone) < 1e-5
+    monkeypatch.setattr(manifold, "_stacks_by_copy", lambda device: True)
+    assert all(torch.equal(a, b) for a, b in zip(run(), alone))
+
+
 def test_param_groups_split_orthogonal_matrices_from_the_rest():
     model = LipNeXt(preset("tiny"))
     ortho, rest = param_groups(model)

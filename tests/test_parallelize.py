@@ -38,7 +38,8 @@ def _train(model, config: TrainConfig, batches, rank: int = 0, world: int = 1) -
     """STEPS steps of train_step with a warm-up and cosine schedule; each rank takes its
     contiguous share of every global batch. Returns the losses (this rank's)."""
     optimizer = build_optimizer(model, config.optim)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(len(batches), config.optim.warmup_fraction))
+    # 20 steps as 5 epochs of 4: a one-epoch warm-up, then the cosine
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.optim, len(batches) // 5, 5))
     losses = []
     for x, y in batches:
         share = slice(rank * len(y) // world, (rank + 1) * len(y) // world)

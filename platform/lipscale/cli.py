@@ -99,10 +99,13 @@ def _plan(parser: argparse.ArgumentParser) -> None:
     from lipnext.train_config import ActivationCheckpointing
     from lipscale.plan import DTYPE_BYTES
 
-    parser.add_argument("preset", metavar="PRESET", choices=list(PRESETS), help=f"one of: {', '.join(PRESETS)}")
+    parser.add_argument(
+        "preset", metavar="PRESET", nargs="?", choices=list(PRESETS), help=f"one of: {', '.join(PRESETS)}"
+    )
+    parser.add_argument("--spec", help="a study spec: plan its largest trial and print its GPU-hours")
     parser.add_argument("--world-size", type=int, default=1, help="ranks sharding the model with FSDP2 (default 1)")
     parser.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32", help="compute dtype (default fp32)")
-    parser.add_argument("--batch", type=int, required=True, help="global batch, as the spec's data.batch_size")
+    parser.add_argument("--batch", type=int, help="global batch, as the spec's data.batch_size (with PRESET)")
     parser.add_argument("--micro-batch", type=int, help="samples per rank per forward/backward (default: the per-rank batch)")
     parser.add_argument(
         "--activation-checkpointing", choices=get_args(ActivationCheckpointing), help="default none, or as --gpu-memory-gib needs"
@@ -112,9 +115,10 @@ def _plan(parser: argparse.ArgumentParser) -> None:
         help="memory per GPU: choose the largest micro-batch that fits (and checkpointing if it needs it)",
     )  # fmt: skip
     parser.add_argument(
-        "--flops-per-s", type=float, help="sustained FLOP/s of one rank (default: measured here with a matmul)"
-    )
-    parser.set_defaults(run="lipscale.plan:plan_command")
+        "--flops-per-s", type=float,
+        help="sustained FLOP/s of one rank (default: measured here with a matmul; with --spec 4e14, an H100's 40%%)",
+    )  # fmt: skip
+    parser.set_defaults(run="lipscale.cost:plan_command")
 
 
 # --- datasets ---------------------------------------------------------------------------------
@@ -162,7 +166,9 @@ def _data(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--size", type=int, default=size, help="image side after resize and centre crop")
         p.add_argument("--encoding", choices=("raw", "png"), default=encoding, help="how images are stored")
         p.add_argument("--seed", type=int, default=0, help="seed of the shuffled write order")
-        p.set_defaults(options=("size", "encoding", "seed"))
+        p.add_argument("--classes", type=_positive, help="keep this many classes (LiResNet's seeded draw)")
+        p.add_argument("--class-seed", type=int, default=2023, help="seed of the class draw (2023: the paper's)")
+        p.set_defaults(options=("size", "encoding", "seed", "classes", "class_seed"))
 
 
 COMMANDS = {

@@ -18,9 +18,9 @@ reported CRA. Everything here runs in float64 (logits in fp32), TF32 or not.
 import math
 
 import torch
-import torch.nn.functional as F
 
-from lipnext.layers import OrthogonalLinear
+from lipnext.config import LipNeXtConfig
+from lipnext.layers import OrthogonalLinear, unit_rows
 from lipnext.metrics import ACCURACIES
 from lipnext.model import LipNeXt
 
@@ -54,6 +54,13 @@ def class_gaps(vectors: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.linalg.vector_norm(part[:, None] - vectors, dim=-1) for part in vectors.split(rows)])
 
 
+def feature_lipschitz(config: LipNeXtConfig) -> float:
+    """The Lipschitz constant of raw pixels -> features with every matrix exactly
+    orthogonal: the input normalisation's 1 / min(std). The certificate multiplies
+    in each matrix's measured drift; the training losses use this nominal value."""
+    return 1.0 / min(config.input_std)
+
+
 class Certificate:
     """The certificate of a model's current weights, computed once per evaluation.
 
@@ -72,11 +79,11 @@ class Certificate:
         errors = {m: orthogonality_error(m.weight) for m in matrices}
         self.ortho_error = max(errors.values())
         """The largest ||G - I||_F over the model's orthogonal matrices."""
-        self.feature_lipschitz = 1.0 / min(model.config.input_std)
+        self.feature_lipschitz = feature_lipschitz(model.config)
         """Bound on the L2 Lipschitz constant of raw pixels -> pooled features."""
         for layer in path:
             self.feature_lipschitz *= math.prod(math.sqrt(1.0 + errors[m]) for m in layer)
-        self.vectors = F.normalize(_full(model.head.weight), dim=1)
+        self.vectors = unit_rows(_full(model.head.weight))
         """The unit class vectors w_j of the head, float64 (K, width)."""
         self.gaps = class_gaps(self.vectors)
         self.lipschitz = self.feature_lipschitz * torch.linalg.matrix_norm(self.vectors, ord=2).item()
@@ -127,12 +134,3 @@ def certified_accuracies(radius: torch.Tensor) -> dict[str, float]:
     """Clean accuracy and CRA at each reported radius, as fractions, keyed by metric name."""
     return accuracies(certified_counts(radius).tolist(), len(radius))
 
-
-def offset_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, eps: float, lipschitz: float = 1.0, temperature: float = 0.25
-) -> torch.Tensor:
-    """CE((z - m onehot(y)) / T) * T with m = sqrt(2) L eps: the true logit must
-    win by the margin that certifies radius eps."""
-    margin = math.sqrt(2) * lipschitz * eps
-    offset = logits - margin * F.one_hot(labels, logits.shape[1]).to(logits.dtype)
-    return F.cross_entropy(offset / temperature, labels) * temperature

@@ -154,6 +154,12 @@ class L2SpatialPool(nn.Module):
         return torch.linalg.vector_norm(x, dim=(1, 2))
 
 
+def unit_rows(weight: torch.Tensor) -> torch.Tensor:
+    """The rows of `weight` scaled to unit L2 norm: the head's class vectors, for the
+    head, its certificate (lipnext.certify) and the margin losses (lipnext.loss)."""
+    return F.normalize(weight, dim=1)
+
+
 class UnitNormHead(nn.Module):
     """Logits z_j = <w_j / ||w_j||, x>: class vectors of unit length ("LLN" of
     LiResNet++), so z_y - z_j has Lipschitz constant ||w_y - w_j|| <= 2 in the
@@ -167,7 +173,7 @@ class UnitNormHead(nn.Module):
         nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5, generator=generator)
 
     def class_vectors(self) -> torch.Tensor:
-        return F.normalize(self.weight, dim=1)
+        return unit_rows(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.class_vectors())

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from lipnext.augment import AUGMENTATIONS
+from lipnext.augment import AUGMENTATIONS, to_unit
 from lipnext.data import Dataset, decode_png, open_dataset
 
 
@@ -60,6 +60,7 @@ class ShardLoader:
         shuffle: bool = True,
         drop_last: bool = False,
         augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | str | None = None,
+        # (uint8 pixels, the batch's generator) -> float images in [0, 1]: lipnext.augment's pipelines
         prefetch: int = 4,
         shuffle_window: int = 16384,
         threads: int = 4,
@@ -219,7 +220,6 @@ class ShardLoader:
             pixels = torch.stack(list(pool.map(lambda i: decode_png(images[i], shape), index.tolist())))
         else:
             pixels = images[index]
-        x = pixels.float().div_(255)
-        if self.augment is not None:
-            x = self.augment(x, _generator("augment", self.seed, epoch, self.rank, number))
-        return x, labels[index]
+        if self.augment is None:
+            return to_unit(pixels), labels[index]
+        return self.augment(pixels, _generator("augment", self.seed, epoch, self.rank, number)), labels[index]

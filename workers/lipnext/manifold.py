@@ -29,9 +29,10 @@ from torch import nn
 from lipnext.layers import OrthogonalLinear
 from lipnext.orthogonal import EXP_SIZINGS, expm1, newton_schulz_step, polar, skew
 from lipnext.owner_exchange import assign_owners, gather_to_owners, scatter_from_owners
-from lipnext.train_config import IncrementDtype, OptimConfig
+from lipnext.train_config import IncrementDtype, Moments, OptimConfig
 
 INCREMENT_DTYPES = get_args(IncrementDtype)
+MOMENTS = get_args(Moments)
 
 
 class Euclidean:
@@ -190,6 +191,11 @@ def _stack(tensors) -> torch.Tensor:
     return torch.stack(tensors) if len(tensors) > 1 else tensors[0].unsqueeze(0)
 
 
+def _nadam_mu(group: dict, step: int) -> float:
+    """NAdam's momentum coefficient mu_t = beta1 (1 - 0.5 * 0.96^(t psi)), as torch.optim.NAdam."""
+    return group["betas"][0] * (1.0 - 0.5 * (0.96 ** (step * group["momentum_decay"])))
+
+
 def _without_autocast(method):
     """Runs method with autocast off: under it the fp32 accumulation
     W + W (exp(A) - I) would run in bf16 (~3e-3 off the manifold per step)."""
@@ -204,7 +210,9 @@ def _without_autocast(method):
 
 class ManifoldAdamW(torch.optim.Optimizer):
     """Adam on manifolds: moments of the manifold's direction, bias-corrected
-    step A = -lr m / (sqrt(v) + eps), retraction W <- R_W(A).
+    step A = -lr m / (sqrt(v) + eps), retraction W <- R_W(A). With
+    moments="nadam" the step is torch.optim.NAdam's (Nesterov momentum with
+    `momentum_decay`, LiResNet++'s optimiser) on the same direction.
 
     For Stiefel matrices the direction lives in a Lie algebra (skew), so the
     step is skew too. `weight_decay` (decoupled, as AdamW) applies to
@@ -242,6 +250,8 @@ class ManifoldAdamW(torch.optim.Optimizer):
         lr: float = OptimConfig.lr,
         betas: tuple[float, float] = OptimConfig.betas,
         eps: float = 1e-8,
+        moments: str = OptimConfig.moments,
+        momentum_decay: float = OptimConfig.momentum_decay,
         weight_decay: float = OptimConfig.weight_decay,
         lookahead_steps: int = OptimConfig.lookahead_steps,
         lookahead_alpha: float = OptimConfig.lookahead_alpha,
@@ -255,6 +265,8 @@ class ManifoldAdamW(torch.optim.Optimizer):
             lr=lr,
             betas=betas,
             eps=eps,
+            moments=moments,
+            momentum_decay=momentum_decay,
             weight_decay=weight_decay,
             lookahead_steps=lookahead_steps,
             lookahead_alpha=lookahead_alpha,
@@ -271,7 +283,8 @@ class ManifoldAdamW(torch.optim.Optimizer):
         manifold = group.get("manifold", "euclidean")
         if manifold not in ("euclidean", "stiefel"):
             raise ValueError(f"manifold must be 'euclidean' or 'stiefel', got {manifold!r}")
-        for key, allowed in (("increment_dtype", INCREMENT_DTYPES), ("exp_sizing", EXP_SIZINGS)):
+        choices = (("moments", MOMENTS), ("increment_dtype", INCREMENT_DTYPES), ("exp_sizing", EXP_SIZINGS))
+        for key, allowed in choices:
             value = group.get(key, self.defaults[key])
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
@@ -286,6 +299,8 @@ class ManifoldAdamW(torch.optim.Optimizer):
         if not state:
             algebra = manifold_of(group, p.shape).algebra_shape(p.shape)
             state["step"] = torch.tensor(0.0, device="cpu")  # a host count: no device sync to read it
+            if group["moments"] == "nadam":  # prod of NAdam's mu_t, float32 on the host as torch.optim.NAdam keeps it
+                state["mu_product"] = torch.ones((), dtype=torch.float32, device="cpu")
             state["exp_avg"] = _zeros(p, algebra)
             state["exp_avg_sq"] = _zeros(p, algebra)
             if group["lookahead_steps"]:
@@ -302,17 +317,25 @@ class ManifoldAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _update(
-        manifold, group: dict, step: int, grad, w, exp_avg, exp_avg_sq, slow=None, lookahead_sum=None, ema=None
-    ):
-        """One step of one parameter, in place, on whole (or elementwise) tensors."""
+        manifold, group: dict, step: int, grad, w, exp_avg, exp_avg_sq, slow=None, lookahead_sum=None, ema=None,
+        *, mu_product: float = 1.0,
+    ):  # fmt: skip
+        """One step of one parameter, in place, on whole (or elementwise) tensors.
+        mu_product: NAdam's prod of mu_1..mu_step (unused by Adam)."""
         beta1, beta2 = group["betas"]
+        lr = group["lr"]
         d = manifold.direction(w, grad).to(exp_avg.dtype)
         exp_avg.lerp_(d, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(d, d, value=1 - beta2)
         denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
-        update = torch.div(exp_avg, denom, out=denom).mul_(-group["lr"] / (1 - beta1**step))
+        if group["moments"] == "nadam":  # torch.optim.NAdam's step, the direction d in place of the gradient
+            mu, mu_next = _nadam_mu(group, step), _nadam_mu(group, step + 1)
+            update = torch.div(d, denom).mul_(-lr * (1 - mu) / (1 - mu_product))
+            update.addcdiv_(exp_avg, denom, value=-lr * mu_next / (1 - mu_product * mu_next))
+        else:
+            update = torch.div(exp_avg, denom, out=denom).mul_(-lr / (1 - beta1**step))
         if group["weight_decay"]:
-            update -= group["lr"] * group["weight_decay"] * w
+            update -= lr * group["weight_decay"] * w
         w.copy_(manifold.retract(w, update))
         if slow is not None:
             lookahead_sum += update
@@ -415,11 +438,16 @@ class ManifoldAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            mu_products = {}  # by step: the matrices of a stack share their step, so their product
             for p in params:
-                self._state(p, group)["step"] += 1
+                state = self._state(p, group)
+                state["step"] += 1
+                if "mu_product" in state:
+                    state["mu_product"] *= _nadam_mu(group, int(state["step"]))
+                    mu_products[int(state["step"])] = state["mu_product"].item()
 
             def update(manifold, step, grad, **fields):
-                self._update(manifold, group, step, grad, **fields)
+                self._update(manifold, group, step, grad, **fields, mu_product=mu_products.get(step, 1.0))
 
             if group["manifold"] == "euclidean":  # elementwise: shards update in place
                 for p in params:

@@ -21,7 +21,7 @@ ACCURACIES: dict[str, float] = {CLEAN_ACC: 0.0, **{cra(k): k / 255 for k in EPS_
 TRAIN_LOSS = "train/loss"
 TRAIN_LR = "train/lr"
 TRAIN_EPS = "train/eps"
-"""The training radius of the epoch's last step."""
+"""The epoch's training radius (lipnext.loss.training_eps)."""
 TRAIN_SAMPLES = "train/samples"
 """Training samples seen so far, over all ranks: with model/flops_per_sample, the compute."""
 TRAIN_SAMPLES_PER_S = "perf/train_samples_per_s"

@@ -9,10 +9,11 @@ Three parts that the loop, the benchmarks and the tests share:
 activation checkpointing and compile as configured, FSDP2 over the mesh,
 then materialised: the same weights as an unsharded init with the same seed),
 `build_optimizer` (the manifold optimizer from OptimConfig) and `train_step`
-(forward, offset cross-entropy and backward per micro-batch, clipping,
+(forward, the certified-margin loss and backward per micro-batch, clipping,
 optimizer step). One parallel path, torchtitan's: `train` shards with FSDP2 at
 every world size, one rank included (a process group of one when none
-exists), so a one-GPU run takes the same sharded optimizer as a 64-GPU one. `train` loops over them; at every epoch end it syncs Lookahead,
+exists), so a one-GPU run takes the same sharded optimizer as a 64-GPU one.
+`train` loops over them; at every epoch end it syncs Lookahead,
 projects the matrices onto their manifold, evaluates certified accuracy
 (lipnext.certify), audits the certificate (lipnext.audit) and checkpoints with
 DCP (lipnext.checkpoint). A session is the edge
@@ -32,14 +33,16 @@ from typing import get_args
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import Partial
 
 from lipnext import checkpoint
 from lipnext.audit import UnsoundCertificate, audit, audit_sample
 from lipnext.augment import Augmentation
-from lipnext.certify import Certificate, accuracies, certified_counts, offset_cross_entropy
+from lipnext.certify import Certificate, accuracies, certified_counts, feature_lipschitz
 from lipnext.config import PRESETS, LipNeXtConfig, preset
 from lipnext.data import DataError, open_dataset
 from lipnext.loader import ShardLoader
+from lipnext.loss import certified_margin_loss
 from lipnext.manifold import ManifoldAdamW, param_groups
 from lipnext.metrics import (
     ACCURACIES,
@@ -145,13 +148,18 @@ def build_optimizer(model: LipNeXt, config: OptimConfig) -> ManifoldAdamW:
     return ManifoldAdamW(param_groups(model), **config.optimizer_kwargs())
 
 
-def warmup_cosine(total_steps: int, warmup_fraction: float):
-    warmup = max(1, round(total_steps * warmup_fraction))
+def warmup_cosine(config: OptimConfig, steps_per_epoch: int, epochs: int):
+    """The lr factor of each step (LambdaLR's): a linear warm-up over config.warmup_epochs,
+    then a cosine from 1 down to lr_floor / lr at the last step."""
+    total = steps_per_epoch * epochs
+    warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
+    floor = config.lr_floor / config.lr
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        return floor + (1 - floor) * cosine
 
     return factor
 
@@ -163,14 +171,24 @@ def _grad_norm(model: LipNeXt) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
+def _whole_head(model: LipNeXt) -> torch.Tensor:
+    """The head's fp32 rows for the loss's margins (K x width: small, gathered whole under
+    FSDP2). The margins' gradient is one rank's; averaged over ranks on its way back to the
+    shards (Partial avg), as FSDP2 averages the gradients of the forward."""
+    head = model.head.weight
+    if hasattr(head, "full_tensor"):
+        head = head.full_tensor(grad_placements=[Partial("avg")] * head.device_mesh.ndim)
+    return head.float()
+
+
 def train_step(
     model: LipNeXt, optimizer: ManifoldAdamW, images: torch.Tensor, labels: torch.Tensor, eps: float,
     config: TrainConfig,
 ) -> torch.Tensor:  # fmt: skip
     """One step of training on this rank's batch: per micro-batch of
     config.data.micro_batch_size (the whole batch if None) a forward (bf16 autocast
-    when config.precision is bf16; the weights stay fp32), the offset cross-entropy at
-    radius `eps` weighted by the micro-batch's share of the batch (so the gradients add
+    when config.precision is bf16; the weights stay fp32), the loss config.loss.kind at
+    radius `eps` (lipnext.loss) weighted by the micro-batch's share of the batch (so the gradients add
     up to the whole batch's mean loss's) and a backward; then clipping to
     config.optim.grad_clip and one manifold step. Returns this rank's mean loss over
     the batch, detached, on the images' device.
@@ -188,7 +206,10 @@ def train_step(
         micro_batch_sync(model, last=i == len(batches) - 1)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
             logits = model(x)
-        share = offset_cross_entropy(logits.float(), y, eps, temperature=config.loss.temperature) * (len(y) / len(labels))
+        share = certified_margin_loss(
+            config.loss.kind, logits.float(), y, eps, _whole_head(model), feature_lipschitz(config.model),
+            config.loss.temperature,
+        ) * (len(y) / len(labels))  # fmt: skip
         share.backward()
         loss += share.detach()
     grad_norm = _grad_norm(model)
@@ -280,8 +301,8 @@ def _train(config: TrainConfig, session, device: torch.device) -> dict:
 
     model = build_training_model(config, device)
     optimizer = build_optimizer(model, config.optim)
-    total_steps = config.epochs * len(train_loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, config.optim.warmup_fraction))
+    lr_factor = warmup_cosine(config.optim, len(train_loader), config.epochs)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     progress = checkpoint.Progress()
     state = checkpoint.TrainingState(model, optimizer, schedule, train_loader, progress)
     with session.checkpoint_to_restore() as restore:
@@ -293,16 +314,15 @@ def _train(config: TrainConfig, session, device: torch.device) -> dict:
         PARAMS: sum(p.numel() for p in model.parameters()),
         FLOPS_PER_SAMPLE: train_flops_per_sample(config.model, batch),
     }
-    ramp = config.loss.eps_ramp_fraction * total_steps
     metrics: dict = {}
     start_time, first_epoch = time.perf_counter(), progress.epoch
     for epoch in range(first_epoch, config.epochs):
         losses, step_times = [], []
         epoch_start = time.perf_counter()
+        eps = config.loss.eps(epoch, config.epochs)
         for images, labels in train_loader:
             step_start = time.perf_counter()
             images, labels = images.to(device, non_blocking=True), labels.to(device)
-            eps = config.loss.eps_train * min(1.0, progress.step / ramp) if ramp else config.loss.eps_train
             try:
                 losses.append(train_step(model, optimizer, images, labels, eps, config))
             except NonFiniteStep as e:

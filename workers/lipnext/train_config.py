@@ -12,6 +12,7 @@ from typing import Literal
 
 from lipnext.augment import Augmentation
 from lipnext.config import LipNeXtConfig, require, require_choice
+from lipnext.loss import LossKind, training_eps
 from lipnext.orthogonal import ExpSizing
 
 Precision = Literal["fp32", "bf16"]
@@ -20,6 +21,8 @@ IncrementDtype = Literal["bfloat16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
 ActivationCheckpointing = Literal["none", "block"]
 """What backward recomputes instead of keeping (lipnext.parallelize)."""
+Moments = Literal["adam", "nadam"]
+"""The first moment's use in the step: Adam's, or NAdam's Nesterov look-ahead (lipnext.manifold)."""
 
 
 def _require_count(name: str, value, low: int) -> None:
@@ -33,10 +36,17 @@ class OptimConfig:
     lr: float = 3e-3
     """Peak learning rate of every parameter group."""
     betas: tuple[float, float] = (0.9, 0.999)
+    moments: Moments = "adam"
+    """'adam' or 'nadam' (torch.optim.NAdam's rule, LiResNet++'s optimiser), for every parameter:
+    on the orthogonal ones in the Lie algebra, as for Euclidean ones."""
+    momentum_decay: float = 4e-3
+    """NAdam's momentum decay psi (torch's default, LiResNet++'s)."""
     weight_decay: float = 0.0
     """Decoupled weight decay of the non-orthogonal parameters (the reference uses none)."""
-    warmup_fraction: float = 0.05
-    """Share of the steps with a linear warm-up, the rest a cosine decay to 0."""
+    warmup_epochs: float = 1.0
+    """Epochs of linear warm-up (LiResNet++: 20 of 800), then a cosine decay to lr_floor."""
+    lr_floor: float = 1e-5
+    """The learning rate the cosine ends at (LiResNet++: 1e-5)."""
     grad_clip: float = 3.0
     """Max global gradient norm (LiResNet++ clips at 3); 0 disables."""
     lookahead_steps: int = 6
@@ -62,7 +72,10 @@ class OptimConfig:
         betas_ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
         require(betas_ok, "betas", "be two values in [0, 1)", self.betas)
         require(self.weight_decay >= 0, "weight_decay", "not be negative", self.weight_decay)
-        require(0 <= self.warmup_fraction < 1, "warmup_fraction", "lie in [0, 1)", self.warmup_fraction)
+        require_choice("moments", self.moments, Moments)
+        require(0 <= self.momentum_decay < 1, "momentum_decay", "lie in [0, 1)", self.momentum_decay)
+        require(self.warmup_epochs >= 0, "warmup_epochs", "not be negative", self.warmup_epochs)
+        require(0 <= self.lr_floor <= self.lr, "lr_floor", f"lie in [0, lr={self.lr}]", self.lr_floor)
         require(self.grad_clip >= 0, "grad_clip", "not be negative (0 disables)", self.grad_clip)
         _require_count("lookahead_steps", self.lookahead_steps, 0)
         require(0 < self.lookahead_alpha <= 1, "lookahead_alpha", "lie in (0, 1]", self.lookahead_alpha)
@@ -74,7 +87,8 @@ class OptimConfig:
     def optimizer_kwargs(self) -> dict:
         """ManifoldAdamW's keyword arguments (lipnext.manifold), the one copy of them."""
         return dict(
-            lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, lookahead_steps=self.lookahead_steps,
+            lr=self.lr, betas=self.betas, moments=self.moments, momentum_decay=self.momentum_decay,
+            weight_decay=self.weight_decay, lookahead_steps=self.lookahead_steps,
             lookahead_alpha=self.lookahead_alpha, reorthogonalize_every=self.reorthogonalize_every,
             ema_decay=self.ema_decay, increment_dtype=self.increment_dtype, exp_sizing=self.exp_sizing,
         )  # fmt: skip
@@ -82,17 +96,34 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
+    kind: LossKind = "emma"
+    """'emma' (a margin per class pair, the paper's) or 'offset_ce' (one sqrt(2) L eps margin), lipnext.loss."""
     eps_train: float = 36 / 255
-    """Radius (raw pixels) the offset cross-entropy asks every sample to be certified at."""
+    """The base training radius (raw pixels); epoch t trains at eps_train times a factor
+    rising from eps_start to eps_peak over eps_ramp_fraction of training (lipnext.loss.training_eps)."""
+    eps_start: float = 0.1
+    """The factor at the first epoch (LiResNet++: 0.1, i.e. 3.6/255)."""
+    eps_peak: float = 3.0
+    """The factor reached at eps_ramp_fraction of training and held: the maximum radius is
+    eps_peak * eps_train (LiResNet++: 3, 108/255, on CIFAR and Tiny-ImageNet; 2 on ImageNet)."""
     eps_ramp_fraction: float = 0.5
-    """Share of training over which eps_train ramps up linearly from 0 (the reference: half)."""
+    """Share of the epochs over which the factor rises (LiResNet++: half); 0: the peak throughout."""
     temperature: float = 0.25
+    """The logits (with their margins) are divided by it inside the cross-entropy, the loss
+    multiplied by it; the paper's EMMA is plain cross-entropy (1)."""
 
     def __post_init__(self):
+        require_choice("kind", self.kind, LossKind)
         require(self.eps_train >= 0, "eps_train", "not be negative", self.eps_train)
+        require(self.eps_start >= 0, "eps_start", "not be negative", self.eps_start)
+        require(self.eps_peak >= self.eps_start, "eps_peak", f"be at least eps_start={self.eps_start}", self.eps_peak)
         require(0 <= self.eps_ramp_fraction <= 1, "eps_ramp_fraction", "lie in [0, 1]", self.eps_ramp_fraction)
         # The logits are divided by the temperature: 0 makes the first loss NaN.
         require(self.temperature > 0, "temperature", "be positive", self.temperature)
+
+    def eps(self, epoch: int, epochs: int) -> float:
+        """The training radius of `epoch` (0-based) of `epochs`."""
+        return training_eps(epoch, epochs, self.eps_train, self.eps_start, self.eps_peak, self.eps_ramp_fraction)
 
 
 @dataclass(frozen=True)
@@ -107,7 +138,8 @@ class DataConfig:
     accumulated over the micro-batches). None: the per-rank batch at once, or in a study with
     budget.memory_per_worker_gib the largest that the planner fits (`lipscale plan`)."""
     augment: Augmentation | None = None
-    """'crop_flip' (CIFAR-like), 'random_resized_crop' (ImageNet) or None (lipnext.augment)."""
+    """'crop_flip' (CIFAR-like), 'crop_flip_randaugment' (the paper's CIFAR and Tiny-ImageNet
+    recipe), 'random_resized_crop' (ImageNet) or None (lipnext.augment)."""
     prefetch: int = 4
     """Batches the loader keeps ready."""
 

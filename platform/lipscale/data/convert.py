@@ -247,16 +247,34 @@ def _find_layout(source: str, members: dict) -> tuple[dict[str, list[str]], list
     return train, test
 
 
-def class_folder_plan(name: str, source: str, size: int, encoding: str, shard_size: int, seed: int = 0) -> Plan:
+def class_subset(classes: tuple[str, ...], count: int, seed: int) -> tuple[str, ...]:
+    """`count` of the sorted `classes`, drawn as LiResNet's code draws its ImageNet subsets
+    (torch.manual_seed(seed); torch.randperm(len(classes))[:count]) and kept in increasing
+    class order, so labels 0..count-1 follow the original order: with 1000 ImageNet classes,
+    count 400 and seed 2023, the paper's 400-class subset."""
+    if not 1 <= count <= len(classes):
+        raise ValueError(f"classes: {count} is not between 1 and the source's {len(classes)} classes")
+    chosen = torch.randperm(len(classes), generator=torch.Generator().manual_seed(seed))[:count]
+    return tuple(classes[i] for i in sorted(chosen.tolist()))
+
+
+def class_folder_plan(
+    name: str, source: str, size: int, encoding: str, shard_size: int, seed: int = 0,
+    classes: int | None = None, class_seed: int = 2023,
+) -> Plan:  # fmt: skip
     """Class folders train/<class>/**/<image> and val/<class>/**/<image> (or
     Tiny-ImageNet's val/images + val_annotations.txt), in a folder, a .zip or an
     uncompressed .tar, possibly under one top folder. Images are resized so the
     shorter side is `size`, centre-cropped to size x size, and written in a
-    seeded shuffled order, so each shard holds every class."""
+    seeded shuffled order, so each shard holds every class. With `classes`, only
+    that many classes, drawn by class_subset(class_seed); the manifest lists them."""
     kind = _archive_kind(source)
     members = _list_source(source, kind)
     train, test = _find_layout(source, members)
-    classes = tuple(sorted(train))
+    names = tuple(sorted(train))
+    classes = names if classes is None else class_subset(names, classes, class_seed)
+    kept = set(classes)
+    test = [(m, cls) for m, cls in test if cls in kept]
     label = {cls: i for i, cls in enumerate(classes)}
     samples = {
         "train": [(m, label[cls]) for cls in classes for m in train[cls]],
