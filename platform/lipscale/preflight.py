@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 
 from lipscale import uris
+from lipscale.data.catalog import convert_command
 from lipscale.spec import DIGITS, Spec, SpecError
 
 
@@ -93,7 +94,8 @@ def _check_tracking_login(url: str) -> str | None:
 
 
 def _check_data(spec: Spec) -> list[tuple[str, str]]:
-    """The data exists (unless the study converts digits) and its images and classes fit the model."""
+    """The data exists (unless the study converts digits under its root) and its images and classes fit
+    the model."""
     from lipnext.data import open_dataset
     from lipscale.data.convert import plan
 
@@ -101,8 +103,9 @@ def _check_data(spec: Spec) -> list[tuple[str, str]]:
         manifest = open_dataset(spec.data_uri).manifest
         shape, classes = tuple(manifest.shape), len(manifest.classes)
     except Exception as e:  # DataError, OSError, fsspec's ValueError for an unknown protocol, botocore's own
-        if spec.dataset.name != DIGITS:
-            return [("dataset.uri", f"no converted dataset at {spec.data_uri}: {e}")]
+        if spec.dataset.uri is not None:  # named, so it must be there: digits too, converted only by default
+            command = convert_command(spec.dataset.name, spec.data_uri)
+            return [("dataset.uri", f"no converted dataset at {spec.data_uri}: {e}; convert it there: `{command}`")]
         digits = plan(DIGITS)
         shape, classes = digits.shape, len(digits.classes)
     if problem := spec.train_config({}).model.data_mismatch(shape, classes):

@@ -12,10 +12,9 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-import sqlalchemy
 import yaml
-from ledger import study_ledger
-from lipscale import results, uris
+from ledger import complete, study_ledger
+from lipscale import results
 from lipscale.keys import PARENT_ATTR, REQUEUED_ATTR, RUN_ATTR
 from lipscale.spec import parse_spec
 from servers import kill_session
@@ -24,22 +23,6 @@ from test_study import four_trial_spec
 
 REPO = Path(__file__).parents[2]
 SCRIPT = REPO / "studies" / "scaling_law.py"
-
-
-def _complete(spec) -> int:
-    """The study's COMPLETE trials so far, read creating nothing: a storage opened the usual way
-    creates the tables, and one made while the driver creates them stops one of the two with
-    "table ... already exists"."""
-    if not uris.sqlite_path(spec.optuna_url).exists():
-        return 0
-    storage = optuna.storages.RDBStorage(spec.optuna_url, skip_table_creation=True, skip_compatibility_check=True)
-    try:
-        if spec.name not in optuna.get_all_study_names(storage):
-            return 0
-        study = optuna.load_study(study_name=spec.name, storage=storage)
-        return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-    except sqlalchemy.exc.OperationalError:  # the driver has not created the tables yet
-        return 0
 
 
 def _snapshot(spec) -> dict:
@@ -68,7 +51,7 @@ def test_the_driver_killed_mid_study_then_run_again(tmp_path, scoreboard):
         first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while _complete(spec) < 1:
+        while complete(spec) < 1:
             assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
         first.send_signal(signal.SIGKILL)

@@ -29,5 +29,14 @@ CLASS_FOLDERS = {  # name: (image side, encoding, shard size) defaults
     "tinyimagenet": (64, "raw", SHARD_SIZE),
     "imagenet": (224, "png", 1_000),  # ~100 MB shards of PNGs
 }
-CONVERTERS = ("digits", "shapes", *CIFAR, *CLASS_FOLDERS)
-"""Every converter's name: digits and shapes need no source."""
+SOURCELESS = ("digits", "shapes")
+"""Converters that need no source: scikit-learn's bundled digits, and generated shapes."""
+CONVERTERS = (*SOURCELESS, *CIFAR, *CLASS_FOLDERS)
+"""Every converter's name."""
+
+
+def convert_command(name: str, dest: str) -> str:
+    """The command that writes dataset `name` to `dest`."""
+    if name in SOURCELESS:
+        return f"lipscale data convert {name} {dest}"
+    return f"lipscale data convert {name if name in CONVERTERS else 'NAME'} SOURCE {dest}"
