@@ -1,12 +1,14 @@
 """bf16 train-step throughput and peak memory of imagenet-1b, width/depth
 slices of it and imagenet-2b on one GPU, with model FLOP utilisation (MFU).
 
-Each case: LipNeXt built on meta and materialised on the GPU, ManifoldAdamW,
-autocast bf16 (fp32 weights and optimizer state), steps timed with CUDA
-events after warm-up. MFU = model FLOPs (forward + backward, FlopCounterMode)
-per second / the GPU's dense bf16 peak; the optimizer's matmuls are reported
-separately as overhead, not counted as useful work. The measured torch.mm
-bf16 rate is recorded beside the nominal peak.
+Each case: the training worker's own build_model (meta, then materialised
+on the GPU), build_optimizer (ManifoldAdamW) and train_step, with bf16
+autocast (fp32 weights and optimizer state), gradient clipping and the
+finiteness check included; steps timed after warm-up, with a CUDA sync at each
+end. MFU = model FLOPs (forward + backward, FlopCounterMode) per second / the
+GPU's dense bf16 peak; the optimizer's matmuls are reported separately (timed
+by hooks around its step) as overhead, not counted as useful work. The
+measured torch.mm bf16 rate is recorded beside the nominal peak.
 
     python benchmarks/gpu_step.py                   # on a GPU machine: writes results/gpu_step.json
     python benchmarks/gpu_step.py --smoke           # CPU, tiny, seconds: checks the script runs
@@ -17,13 +19,12 @@ import statistics
 import time
 
 import torch
-from harness import write_result
+from harness import StepPhases, write_result
 
-from lipnext import LipNeXt, preset
-from lipnext.certify import offset_cross_entropy
-from lipnext.manifold import ManifoldAdamW, param_groups
+from lipnext import preset
 from lipnext.model import train_flops_per_sample
-from lipnext.parallelize import materialize
+from lipnext.train import build_model, build_optimizer, train_step
+from lipnext.train_config import OptimConfig, TrainConfig
 
 NOMINAL_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
 CASES = [  # (label, preset, overrides, batch): slices of imagenet-1b, the whole, then 2B
@@ -43,35 +44,27 @@ def _timer(device):
 
 
 def measure(config, batch, device, steps, warmup=3) -> dict:
-    with torch.device("meta"):
-        model = LipNeXt(config)
-    materialize(model, device, seed=0)
-    opt = ManifoldAdamW(param_groups(model), lr=1e-4)
+    run = TrainConfig(model=config, optim=OptimConfig(lr=1e-4), precision="bf16")
+    model = build_model(config, device)
+    opt = build_optimizer(model, run.optim)
+    phases = StepPhases(model, opt, sync=lambda: _timer(device))
     x = torch.rand(batch, config.in_channels, config.image_size, config.image_size, device=device)
     y = torch.randint(0, config.num_classes, (batch,), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step_times, opt_times = [], []
+    step_times = []
     for i in range(warmup + steps):
         start = _timer(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(x)
-        loss = offset_cross_entropy(logits.float(), y, eps=36 / 255)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        mid = _timer(device)
-        opt.step()
-        end = _timer(device)
+        train_step(model, opt, x, y, 36 / 255, run)
         if i >= warmup:
-            step_times.append(end - start)
-            opt_times.append(end - mid)
+            step_times.append(_timer(device) - start)
     step = statistics.median(step_times)
     flops = train_flops_per_sample(config, batch) * batch
     return {
         "batch": batch,
         "params": sum(p.numel() for p in model.parameters()),
         "step_s": step,
-        "optimizer_s": statistics.median(opt_times),
+        "optimizer_s": statistics.median(p["optimizer_s"] for p in phases.steps[warmup:]),
         "samples_per_s": batch / step,
         "model_flops_per_step": flops,
         "model_flops_per_s": flops / step,

@@ -27,6 +27,32 @@ def time_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, floa
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+class StepPhases:
+    """Seconds in each phase of every lipnext.train.train_step, from hooks on the model
+    and its optimizer: forward (the model's forward), backward (from the logits to the
+    optimizer: loss, backward, gradient norm and clipping) and optimizer (its step).
+    `sync` runs at each boundary (torch.cuda.synchronize on a GPU)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sync=lambda: None):
+        self.sync, self.marks, self.steps = sync, {}, []
+        model.register_forward_pre_hook(lambda *_: self._mark("start"))
+        model.register_forward_hook(lambda *_: self._mark("forward"))
+        optimizer.register_step_pre_hook(lambda *_: self._mark("backward"))
+        optimizer.register_step_post_hook(lambda *_: self._end())
+
+    def _mark(self, name: str) -> None:
+        self.sync()
+        self.marks[name] = time.perf_counter()
+
+    def _end(self) -> None:
+        self._mark("optimizer")
+        m = self.marks
+        self.steps.append(
+            {"forward_s": m["forward"] - m["start"], "backward_s": m["backward"] - m["forward"],
+             "optimizer_s": m["optimizer"] - m["backward"]}
+        )  # fmt: skip
+
+
 def mm_flops_per_s(n: int = 1024, dtype=torch.float32, repeats: int = 10) -> float:
     """Measured dense torch.mm throughput on this machine: the roofline to compare with."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)

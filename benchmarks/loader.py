@@ -1,12 +1,13 @@
 """Loader throughput against the train step it has to feed, in one run.
 
     python benchmarks/loader.py            # ~1-2 minutes on 2 CPU cores
+    python benchmarks/loader.py --smoke    # seconds, a small dataset and model: checks the script runs
 
 Writes benchmarks/results/loader.json: samples/s of ShardLoader (shuffled,
-crop+flip augmented, from freshly generated `shapes` shards) and of one
-optimizer step of the mid-size preset cifar-l8w256 at the same batch size,
-their ratio (target >= 5), and how long the step waited for the loader when
-the two run together.
+crop+flip augmented, from freshly generated `shapes` shards) and of the
+training worker's train_step (lipnext.train) on the mid-size preset
+cifar-l8w256 at the same batch size, their ratio (target >= 5), and how long
+the step waited for the loader when the two run together.
 """
 
 import argparse
@@ -20,14 +21,15 @@ from pathlib import Path
 
 import torch
 
-from lipnext import LipNeXt, preset
-from lipnext.certify import offset_cross_entropy
-from lipnext.data import ShardLoader
-from lipnext.manifold import ManifoldAdamW, param_groups
+from lipnext import preset
+from lipnext.loader import ShardLoader
+from lipnext.train import build_model, build_optimizer, train_step
+from lipnext.train_config import TrainConfig
 from lipscale.data.shapes import ShapesConfig, shapes_plan
 from lipscale.data.shards import write_dataset
 
 RESULTS = Path(__file__).parent / "results" / "loader.json"
+EPS = 36 / 255
 
 
 def loader_samples_per_s(loader: ShardLoader, epochs: int) -> list[float]:
@@ -41,19 +43,15 @@ def loader_samples_per_s(loader: ShardLoader, epochs: int) -> list[float]:
     return rates
 
 
-def train_step(model, opt, x, y):
-    loss = offset_cross_entropy(model(x), y, eps=36 / 255)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=20_000, help="shapes train samples to generate")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="timed train steps")
+    parser.add_argument("--smoke", action="store_true", help="1000 samples, batch 32, a 1-block model")
     args = parser.parse_args()
+    if args.smoke:
+        args.samples, args.batch_size, args.steps = 1000, 32, 2
     load_before = os.getloadavg()[0]  # the machines are shared: record how busy this one was
 
     with tempfile.TemporaryDirectory() as root:
@@ -65,16 +63,16 @@ def main():
 
         loader_rates = loader_samples_per_s(loader(), epochs=6)[1:]  # the first epoch warms up
 
-        torch.manual_seed(0)
-        model = LipNeXt(preset("cifar-l8w256"))
-        opt = ManifoldAdamW(param_groups(model), lr=3e-3)
+        run = TrainConfig(model=preset("cifar-l8w256", **(dict(width=32, depth=1) if args.smoke else {})))
+        model = build_model(run.model, torch.device("cpu"))
+        opt = build_optimizer(model, run.optim)
         x, y = next(iter(loader()))
         for _ in range(2):  # warm-up
-            train_step(model, opt, x, y)
+            train_step(model, opt, x, y, EPS, run)
         step_times = []
         for _ in range(args.steps):
             start = time.perf_counter()
-            train_step(model, opt, x, y)
+            train_step(model, opt, x, y, EPS, run)
             step_times.append(time.perf_counter() - start)
 
         # Both together: how long does each step wait for its batch?
@@ -84,7 +82,7 @@ def main():
             start = time.perf_counter()
             x, y = next(batches)
             waits.append(time.perf_counter() - start)
-            train_step(model, opt, x, y)
+            train_step(model, opt, x, y, EPS, run)
             fed_steps.append(time.perf_counter() - start)
 
     loader_rate = statistics.median(loader_rates)
@@ -107,8 +105,9 @@ def main():
         load_average_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],
         machine=platform.processor() or platform.machine(),
     )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    path = RESULTS.with_name("loader_smoke.json") if args.smoke else RESULTS
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

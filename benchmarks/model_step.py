@@ -1,8 +1,11 @@
 """Forward + backward throughput of LipNeXt, against the same network whose
 orthogonal weights are re-parametrised with torch.nn.utils.parametrizations.orthogonal
 (matrix_exp of a skew matrix every step), and as a fraction of measured torch.mm FLOP/s.
+The model alone, no optimizer: the whole train step against the same baseline is
+manifold_step.py (c).
 
     python benchmarks/model_step.py            # writes benchmarks/results/model_step.json
+    python benchmarks/model_step.py --smoke --repeats 1   # seconds: checks the script runs
 """
 
 import argparse
@@ -13,8 +16,9 @@ from harness import mm_flops_per_s, time_interleaved, write_result
 from torch.nn.utils import parametrizations, parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
-from lipnext import LipNeXt, preset
+from lipnext import preset
 from lipnext.layers import OrthogonalLinear
+from lipnext.train import build_model
 
 CASES = {"tiny": 256, "cifar-l8w256": 64}  # preset -> batch size
 
@@ -40,13 +44,13 @@ def fwd_bwd(model, x, y, cache=False):
     return step
 
 
-def main(repeats: int):
+def main(repeats: int, smoke: bool):
     torch.manual_seed(0)
-    peak = mm_flops_per_s()
+    peak = mm_flops_per_s(128 if smoke else 1024)
     result = {"mm_flops_per_s": peak, "cases": {}}
-    for name, batch in CASES.items():
+    for name, batch in ({"tiny": 16} if smoke else CASES).items():
         config = preset(name)
-        model = LipNeXt(config)
+        model = build_model(config, torch.device("cpu"))
         x = torch.rand(batch, config.in_channels, config.image_size, config.image_size)
         y = torch.randint(0, config.num_classes, (batch,))
         ours, baseline = fwd_bwd(model, x, y), fwd_bwd(reparametrised(model), x, y, cache=True)
@@ -63,10 +67,12 @@ def main(repeats: int):
             "achieved_flops_per_s": flops / seconds["lipnext"],
             "fraction_of_mm_flops": flops / seconds["lipnext"] / peak,
         }
-    write_result("model_step", result)
+    write_result("model_step_smoke" if smoke else "model_step", result)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
-    main(parser.parse_args().repeats)
+    parser.add_argument("--smoke", action="store_true", help="`tiny` at batch 16, seconds: checks the script runs")
+    args = parser.parse_args()
+    main(args.repeats, args.smoke)

@@ -1,12 +1,10 @@
-import math
-
 import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from lipnext import LipNeXt, preset
-from lipnext.certify import offset_cross_entropy
-from lipnext.manifold import ManifoldAdamW, param_groups
+from lipnext import preset
+from lipnext.train import build_model, build_optimizer, train_step, warmup_cosine
+from lipnext.train_config import TrainConfig
 
 
 @pytest.fixture(scope="session")
@@ -22,20 +20,27 @@ def digits():
 
 @pytest.fixture(scope="session")
 def trained_tiny(digits):
-    """The tiny preset trained on digits with the manifold optimizer, 900 steps
-    of 128 with cosine decay (~5 s)."""
+    """The tiny preset trained on digits by lipnext.train's own step (manifold
+    optimizer, clipping, warm-up and cosine decay), 900 steps of 128 at eps 36/255 (~5 s)."""
     (x, y), _ = digits
-    torch.manual_seed(0)
-    model = LipNeXt(preset("tiny"))
+    config = TrainConfig(model=preset("tiny"))
+    model = build_model(config.model, torch.device("cpu"), seed=0)
+    optimizer = build_optimizer(model, config.optim)
     steps = 900
-    opt = ManifoldAdamW(param_groups(model), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, config.optim.warmup_fraction))
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         idx = torch.randint(0, len(x), (128,), generator=g)
-        loss = offset_cross_entropy(model(x[idx]), y[idx], eps=36 / 255)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, optimizer, x[idx], y[idx], 36 / 255, config)
         schedule.step()
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> str:
+    """The same digits converted to the shard format (`lipscale data convert digits`)."""
+    from lipscale.data.convert import convert
+
+    root = tmp_path_factory.mktemp("data") / "digits"
+    convert("digits", None, str(root))
+    return str(root)

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lipnext.data import DataError, ShardLoader, open_dataset
+from lipnext.data import DataError, open_dataset
+from lipnext.loader import ShardLoader
 from lipscale.cli import main
 from lipscale.data.convert import convert, plan
 from lipscale.data.parts import Part

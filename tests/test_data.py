@@ -11,7 +11,8 @@ import pytest
 import torch
 from servers import s3_server  # noqa: F401 (a fixture)
 
-from lipnext.data import DataError, ShardLoader, open_dataset
+from lipnext.data import DataError, open_dataset
+from lipnext.loader import ShardLoader
 from lipscale.data.convert import convert
 from lipscale.data.shards import Part, Plan, content_key, write_dataset
 

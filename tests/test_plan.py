@@ -9,13 +9,13 @@ and under FSDP2.
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import run_ranks
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.fsdp import fully_shard
 from torch.utils.flop_counter import FlopCounterMode
 
 from lipnext import PRESETS, LipNeXt, preset
 from lipnext.manifold import ManifoldAdamW, param_groups
+from lipnext.ranks import run_ranks
 from lipscale.cli import main
 from lipscale.plan import format_plan, measure_flops_per_s, plan
 

@@ -15,7 +15,6 @@ import torch
 import yaml
 from test_spec import small
 
-from lipnext import LipNeXt
 from lipnext.certify import lipschitz_bound
 from lipnext.checkpoint import load_model
 from lipnext.metrics import CONTRACT
@@ -127,8 +126,7 @@ def test_the_best_trials_final_checkpoint_is_an_artifact_of_its_run(finished, tm
         dst_path=str(tmp_path),
         tracking_uri=spec.mlflow_uri,
     )
-    model = LipNeXt(spec.train_config(best.params).model)
-    load_model(model, local)
+    model = load_model(local)
     with torch.no_grad():
         assert lipschitz_bound(model) == pytest.approx(best.user_attrs[METRICS_ATTR]["model/lipschitz_bound"])
 

@@ -8,25 +8,26 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 import ray
 import s3fs
-import torch
 from lipschitz_check import ascent_ratio, random_pair_ratio
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from servers import moto_server
 
-from lipnext import LipNeXt, preset
+from lipnext import LipNeXt, checkpoint, preset
 from lipnext.certify import lipschitz_bound
 from lipnext.checkpoint import load_model
+from lipnext.metrics import CLEAN_ACC, LIPSCHITZ_BOUND, PARAMS, TRAIN_LOSS, cra
 from lipnext.train import train_loop_per_worker
 from lipnext.train_config import DataConfig, TrainConfig
 
 pytestmark = pytest.mark.slow
-EVAL = ["eval/clean_acc", "eval/cra_36", "eval/cra_72", "eval/cra_108", "train/loss", "model/lipschitz_bound"]
+EVAL = [CLEAN_ACC, cra(36), cra(72), cra(108), TRAIN_LOSS, LIPSCHITZ_BOUND]
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +41,6 @@ def ray_cluster(s3):
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory):
-    from lipscale.data.convert import convert
-
-    root = tmp_path_factory.mktemp("data") / "digits"
-    convert("digits", None, str(root))
-    return str(root)
 
 
 def _fit(data, storage, name, workers=2, failures=0):
@@ -74,16 +66,18 @@ def two_workers(ray_cluster, digits_shards, tmp_path_factory):
 
 def test_two_cpu_workers_train_digits_to_90_percent_with_cra(two_workers):
     metrics = two_workers.metrics
-    assert metrics["eval/clean_acc"] >= 0.90
-    assert 0 < metrics["eval/cra_36"] <= metrics["eval/clean_acc"]
-    assert metrics["model/params"] == sum(p.numel() for p in LipNeXt(preset("digits")).parameters())
+    assert metrics[CLEAN_ACC] >= 0.90
+    assert 0 < metrics[cra(36)] <= metrics[CLEAN_ACC]
+    assert metrics[PARAMS] == sum(p.numel() for p in LipNeXt(preset("digits")).parameters())
 
 
 def test_the_trained_model_passes_the_lipschitz_checks(two_workers):
-    model = LipNeXt(preset("digits"))
+    """The final checkpoint's export, gathered from the two ranks' shards, is the model
+    that was evaluated: the same bound to the bit."""
     with two_workers.checkpoint.as_directory() as directory:
-        load_model(model, directory)
-    assert lipschitz_bound(model) == pytest.approx(two_workers.metrics["model/lipschitz_bound"])
+        assert (Path(directory) / checkpoint.MODEL).exists()
+        model = load_model(directory)
+    assert lipschitz_bound(model) == two_workers.metrics[LIPSCHITZ_BOUND]
     for ratio in (random_pair_ratio(model.features, (1, 8, 8)), ascent_ratio(model.features, (1, 8, 8))):
         assert ratio <= 1 + 1e-5
     assert ascent_ratio(model, (1, 8, 8)) <= lipschitz_bound(model)
@@ -93,7 +87,7 @@ def test_one_and_two_workers_end_close(two_workers, digits_shards, tmp_path):
     """Same seed and global batch; the sample order differs with the number of
     rank shares, so the runs are not identical: within 3 points of accuracy."""
     one = _fit(digits_shards, str(tmp_path), "one", workers=1).metrics
-    for key in ("eval/clean_acc", "eval/cra_36"):
+    for key in (CLEAN_ACC, cra(36)):
         assert abs(one[key] - two_workers.metrics[key]) <= 0.03, key
 
 

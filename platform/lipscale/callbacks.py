@@ -10,7 +10,7 @@ import fsspec
 import ray
 from ray import tune
 
-from lipnext.metrics import DIVERGED, EPOCH
+from lipnext.metrics import EPOCH, STOPPED
 from lipscale import results, retry, uris
 from lipscale.keys import (
     CHECKPOINT_ATTR, FAIL_REASON_ATTR, NUMBER_KEY, PARENT_ATTR, RUN_ATTR, STORAGE_FULL_KEY, TRIAL_KEY, trial_name,
@@ -90,7 +90,7 @@ class Bookkeeping(tune.Callback):
             raise StorageFull(result[STORAGE_FULL_KEY])
         self._surface()
         self._pending.append(self._writer.submit(self._write, trial, dict(result)))
-        last = result.get("done") or result.get(EPOCH, 0) >= self.epochs or DIVERGED in result
+        last = result.get("done") or result.get(EPOCH, 0) >= self.epochs or any(k in result for k in STOPPED)
         if result.get("checkpoint_dir_name") or last or not self.in_process:
             self.flush()
         if "checkpoint_path" in result:  # a Ray Train trial: TuneReportCallback passes its checkpoint's path

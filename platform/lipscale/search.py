@@ -25,7 +25,7 @@ class StudySearch(OptunaSearch):
     """OptunaSearch over the study's persistent storage that links each trial it asks for to
     its MLflow child run. Also: a report without the objective (not an eval epoch) is skipped,
     and a finished trial is told by the study's store (`Store.tell`: PRUNED when the scheduler
-    stopped it, FAIL with the reason when it diverged, its last metrics in its user attrs)."""
+    stopped it, FAIL with the reason when it stopped itself, its last metrics in its user attrs)."""
 
     def __init__(self, spec: Spec, store: Store, tracking: Tracking, parent_run: str, seed: int):
         metrics, modes = [o.metric for o in spec.objective], [o.direction[:3] for o in spec.objective]

@@ -23,7 +23,7 @@ import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution, distribution_to_json
 from optuna.trial import TrialState
 
-from lipnext.metrics import DIVERGED, EPOCH, is_metric
+from lipnext.metrics import EPOCH, STOPPED, is_metric
 from lipscale import retry, uris
 from lipscale.keys import (
     FAIL_REASON_ATTR, METRICS_ATTR, OBJECTIVE_ATTR, REQUEUED_ATTR, RETRY_OF_ATTR, RUN_ATTR, SPACE_ATTR, TRIALS_ATTR,
@@ -131,13 +131,14 @@ class Store:
 
     def tell(self, number: int, result: dict | None, error: bool = False) -> None:
         """Tells Optuna how trial `number` ended, from its last report: its metrics into its user
-        attrs first (Optuna refuses changes after); FAIL with the reason if it diverged, PRUNED if
-        it stopped before the budget's epochs (the scheduler stopped it), else COMPLETE with the
+        attrs first (Optuna refuses changes after); FAIL with the reason if the trial stopped itself
+        (lipnext.metrics.STOPPED: it diverged, or its certificate failed the audit), PRUNED if it
+        ended before the budget's epochs (the scheduler stopped it), else COMPLETE with the
         objective(s), or FAIL after an error without them. A finished trial is left as it is."""
         attrs = {METRICS_ATTR: {k: v for k, v in result.items() if is_metric(k) or k == EPOCH}} if result else {}
         values = [result.get(o.metric) for o in self.spec.objective] if result else [None]
-        if result and DIVERGED in result:
-            state, values, attrs[FAIL_REASON_ATTR] = TrialState.FAIL, None, result[DIVERGED]
+        if reason := next((result[k] for k in STOPPED if k in result), None) if result else None:
+            state, values, attrs[FAIL_REASON_ATTR] = TrialState.FAIL, None, reason
         elif result and not error and result.get(EPOCH, 0) < self.spec.budget.epochs:
             state, values = TrialState.PRUNED, None
         elif None in values:  # Ray's OptunaSearch told a list with a None in it: refused, left RUNNING

@@ -9,6 +9,7 @@ that report (lipscale.callbacks); rerun once space is freed, it continues.
 
 import errno
 import logging
+from pathlib import Path
 
 from ray import tune
 
@@ -79,7 +80,7 @@ def run_trial(config: dict, spec: Spec) -> None:
     with Tracking(spec).system_metrics(run_id):
         try:
             if in_process(spec):
-                train_in_ray(train_config, RaySession(tune))
+                train_in_ray(train_config, RaySession(tune, Path(tune.get_context().get_trial_dir())))
             else:
                 _ray_train(spec, train_config, number)
         except Exception as e:

@@ -55,7 +55,7 @@ def test_a_trial_whose_loss_turns_nan_fails_with_the_reason_and_the_study_goes_o
 
     assert (diverged.state.name, fine.state.name) == ("FAIL", "COMPLETE")
     reason = diverged.user_attrs[FAIL_REASON_ATTR]
-    assert reason.startswith("train/loss is nan in epoch 1 (step 23, lr ") and reason.endswith("): the trial diverged")
+    assert reason.startswith("train/loss is nan in epoch 1 (step 2, lr ") and reason.endswith("): the trial diverged")
     client = mlflow.MlflowClient(spec.mlflow_uri)
     tracked = client.get_run(diverged.user_attrs[RUN_ATTR])
     assert tracked.info.status == "FAILED"

@@ -3,6 +3,7 @@
 a resumed loader redraws exactly the same crops."""
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -78,3 +79,5 @@ def _clamped_box(h: int, w: int, ratio: tuple[float, float]) -> tuple[int, int]:
 
 AUGMENTATIONS = {"crop_flip": crop_flip, "random_resized_crop": random_resized_crop}
 """By name, for configs: crop_flip for CIFAR-like 32x32 sets, random_resized_crop for ImageNet-like sets."""
+Augmentation = Literal[tuple(AUGMENTATIONS)]  # type: ignore[valid-type]
+"""The names a config may give (DataConfig.augment): the registry's keys."""

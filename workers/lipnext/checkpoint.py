@@ -6,11 +6,20 @@ included, resharded by DCP if the world size changed), learning-rate
 schedule, loader position, RNG and progress. Only this module calls
 dcp.save / dcp.load.
 
+A checkpoint rebuilds its model from nothing else: rank 0 writes the run's
+TrainConfig (config.json) into every checkpoint, and into the final one a
+weights-only export (model.pt: the full fp32 state dict; 12% of a digits
+checkpoint, whose shards also hold the optimizer's moments, slow weights and
+step sums). `load_model(directory)` reads the export, or the model's part of
+the DCP shards where there is none; `EXPORT` names the export's files (what
+the platform copies to a model registry such as MLflow).
+
 A checkpoint is complete when every rank's checksum file is there: after
-DCP has written its shards (and rank 0 the metadata), each rank records the
-size and sha256 of the files it wrote. A truncated or corrupt checkpoint
-fails `verify` before DCP reads a byte of it; `latest` (and the Ray edge,
-lipnext.train.RaySession) pass over it to the newest one that verifies.
+DCP has written its shards (and rank 0 the metadata, config and export), each
+rank records the size and sha256 of the files it wrote. A truncated or
+corrupt checkpoint fails `verify` before DCP reads a byte of it; `latest`
+(and the Ray edge, lipnext.session.RaySession) pass over it to the newest one
+that verifies.
 """
 
 import hashlib
@@ -24,12 +33,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.checkpoint.stateful import Stateful
+
+from lipnext.model import LipNeXt
+from lipnext.train_config import TrainConfig
 
 METADATA = ".metadata"  # DCP writes it last, on the coordinator
 CHECKSUMS = "checksums-rank{rank}.json"
 """Written by each rank after its shards: {file: [size, sha256]}; rank 0's also holds the world size."""
+CONFIG = "config.json"
+"""The run's TrainConfig.to_dict(), in every checkpoint."""
+MODEL = "model.pt"
+"""The model's full fp32 state dict (torch.save), in the final checkpoint."""
+EXPORT = (CONFIG, MODEL)
+"""The files that rebuild the trained model: all of a checkpoint that a model registry needs."""
 
 log = logging.getLogger("lipnext.checkpoint")
 
@@ -78,15 +101,22 @@ class TrainingState(Stateful):
         self.progress.epoch, self.progress.step = state["progress"]["epoch"], state["progress"]["step"]
 
 
-def save(state: TrainingState, directory: str | os.PathLike) -> Path:
+def save(state: TrainingState, directory: str | os.PathLike, config: TrainConfig, export: bool = False) -> Path:
     """Every rank writes its shards into `directory` (local disk: Ray, or the
-    caller, moves it to the run's storage; DCP straight to S3 is fragile),
-    then its checksums."""
+    caller, moves it to the run's storage; DCP straight to S3 is fragile), rank 0
+    the config and, with `export`, the weights-only model.pt; then each its checksums."""
     directory = Path(directory)
     dcp.save({"train": state}, checkpoint_id=str(directory))
     rank = _rank()
+    if export:  # a collective under FSDP2: the full tensors arrive on rank 0, on its CPU
+        weights = get_model_state_dict(state.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # Rank 0 returns from dcp.save after writing the metadata; other ranks list their own shards only.
-    names = sorted(p.name for p in directory.glob(f"__{rank}_*.distcp")) + ([METADATA] if rank == 0 else [])
+    names = sorted(p.name for p in directory.glob(f"__{rank}_*.distcp"))
+    if rank == 0:
+        (directory / CONFIG).write_text(json.dumps(config.to_dict(), indent=1))
+        if export:
+            torch.save(weights, directory / MODEL)
+        names += [METADATA, CONFIG] + ([MODEL] if export else [])
     checksums = {"world_size": dist.get_world_size() if dist.is_initialized() else 1} if rank == 0 else {}
     checksums["files"] = {name: _size_and_digest(directory / name) for name in names}
     temporary = directory / f".{CHECKSUMS.format(rank=rank)}.tmp"
@@ -148,9 +178,21 @@ def prune(root: str | os.PathLike, keep: int) -> None:
             shutil.rmtree(old)
 
 
-def load_model(model, directory: str | os.PathLike) -> None:
-    """Loads just the weights of a training checkpoint into an unsharded model
-    (one process, any world size at save time): for evaluation and export."""
-    state = {"train": {"model": model.state_dict()}}
-    dcp.load(state, checkpoint_id=str(directory))
-    model.load_state_dict(state["train"]["model"])
+def load_model(directory: str | os.PathLike) -> LipNeXt:
+    """The model of a checkpoint, rebuilt from the directory alone: unsharded, fp32,
+    on the CPU, in eval mode. From the export (model.pt) when the checkpoint has
+    one, else from the model's part of the DCP shards (any world size at save time)."""
+    directory = Path(directory)
+    config = TrainConfig.from_dict(json.loads((directory / CONFIG).read_text()))
+    with torch.device("meta"):
+        model = LipNeXt(config.model)
+    model.to_empty(device="cpu")
+    model.normalize.init_weights()  # its buffers come from the config, not from the checkpoint
+    if (directory / MODEL).exists():
+        weights = torch.load(directory / MODEL, map_location="cpu", weights_only=True)
+    else:
+        state = {"train": {"model": model.state_dict()}}
+        dcp.load(state, checkpoint_id=str(directory))
+        weights = state["train"]["model"]
+    model.load_state_dict(weights)
+    return model.eval()

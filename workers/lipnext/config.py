@@ -6,8 +6,23 @@ marked so; see ../shared/reference/lipnext.md.
 """
 
 from dataclasses import asdict, dataclass, replace
+from typing import Literal, get_args
 
-SHIFT_PATTERNS = ("four", "dilated", "none")
+ShiftPattern = Literal["four", "dilated", "none"]
+
+
+def require(ok: bool, field: str, rule: str, value) -> None:
+    """Raises ValueError("<field> must <rule>, got <value>") unless ok. Every config check
+    names its field this way, and the platform's spec (pydantic) shows the error at the
+    field's place in the spec."""
+    if not ok:
+        raise ValueError(f"{field} must {rule}, got {value!r}")
+
+
+def require_choice(field: str, value, kind, optional: bool = False) -> None:
+    """`value` must be one of the values of the Literal type `kind` (or None, if optional)."""
+    choices = get_args(kind) + ((None,) if optional else ())
+    require(value in choices, field, f"be one of {choices}", value)
 
 
 @dataclass(frozen=True)
@@ -28,7 +43,7 @@ class LipNeXtConfig:
     """Fraction of channels that beta-Abs folds with |x|; the rest pass through."""
     shift_ratio: float = 1 / 8
     """Fraction of channels shifted in each of the four directions."""
-    shift_pattern: str = "four"
+    shift_pattern: ShiftPattern = "four"
     """'four': distance 1 in every block; 'dilated': distance 1 and 2 in
     alternate blocks; 'none': no spatial mixing (ablation)."""
     input_mean: tuple[float, ...] = (0.5,)
@@ -39,17 +54,14 @@ class LipNeXtConfig:
 
     def __post_init__(self):
         for name in ("width", "depth", "image_size", "in_channels", "patch_size", "num_classes"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, name, "be a positive integer", value)
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size: {self.patch_size} does not divide image_size {self.image_size}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must lie in [0, 1], got {self.beta}")
-        if self.shift_pattern not in SHIFT_PATTERNS:
-            raise ValueError(f"shift_pattern must be one of {SHIFT_PATTERNS}, got {self.shift_pattern!r}")
+        require(0.0 <= self.beta <= 1.0, "beta", "lie in [0, 1]", self.beta)
+        require_choice("shift_pattern", self.shift_pattern, ShiftPattern)
         if self.shift_pattern != "none":
-            if not 0.0 < self.shift_ratio <= 0.25:
-                raise ValueError(f"shift_ratio must lie in (0, 1/4], got {self.shift_ratio}")
+            require(0.0 < self.shift_ratio <= 0.25, "shift_ratio", "lie in (0, 1/4]", self.shift_ratio)
             if (self.width * self.shift_ratio) % 1:
                 raise ValueError(
                     f"width: {self.width} channels cannot be split into shift groups of ratio {self.shift_ratio}"
@@ -60,8 +72,7 @@ class LipNeXtConfig:
             values = getattr(self, name)
             if len(values) not in (1, self.in_channels):
                 raise ValueError(f"{name} needs 1 or in_channels={self.in_channels} values, got {len(values)}")
-        if min(self.input_std) <= 0:
-            raise ValueError(f"input_std must be positive, got {self.input_std}")
+        require(min(self.input_std) > 0, "input_std", "be positive", self.input_std)
 
     @property
     def grid_size(self) -> int:

@@ -7,7 +7,9 @@ field is a 2-D tensor sharded on dim 0 the way FSDP2 shards parameters
 (torch.chunk: ceil(rows / world) rows per rank, the last ranks shorter or
 empty). One all_to_all_single carries every matrix of a step each way; each
 rank's piece of a matrix is padded to the same length so split sizes are
-known to every rank without a handshake.
+known to every rank without a handshake. Every buffer is allocated on the
+shards' device: NCCL moves only CUDA tensors, and a buffer elsewhere would
+move the update there (on the meta device the collective silently does nothing).
 """
 
 import heapq
@@ -59,51 +61,63 @@ def _unpack(piece: torch.Tensor, shapes: list[Shape], world: int, rank: int) -> 
     return tensors
 
 
-def _exchange(send: list[list[torch.Tensor]], recv_lens: list[int], group) -> list[torch.Tensor]:
+def _exchange(send: list[list[torch.Tensor]], recv_lens: list[int], dtype, device, group) -> list[torch.Tensor]:
     """send[d]: flat pieces for rank d, in order; returns what each rank sent us."""
     flat = [p for pieces in send for p in pieces]
-    inp = torch.cat(flat) if flat else torch.empty(0)
-    out = inp.new_empty(sum(recv_lens))
+    inp = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
+    out = torch.empty(sum(recv_lens), dtype=dtype, device=device)
     dist.all_to_all_single(out, inp, recv_lens, [sum(p.numel() for p in pieces) for pieces in send], group=group)
     return list(out.split(recv_lens))
 
 
 def gather_to_owners(
-    local: list[list[torch.Tensor]], shapes: list[list[Shape]], owners: list[int], group=None
+    local: list[list[torch.Tensor]],
+    shapes: list[list[Shape]],
+    owners: list[int],
+    group=None,
+    out: dict[int, list[torch.Tensor]] | None = None,
 ) -> dict[int, list[torch.Tensor]]:
     """Matrix i's fields, each given as this rank's row shard of global shape
-    shapes[i][f], arrive whole on rank owners[i]: {i: [field, ...]} there."""
+    shapes[i][f], arrive whole on rank owners[i]: {i: [field, ...]} there,
+    written into out[i] when given (e.g. slices of a stack of matrices)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     mine = [i for i, o in enumerate(owners) if o == rank]
-    dtype = local[0][0].dtype
+    dtype, device = local[0][0].dtype, local[0][0].device
     send = [[] for _ in range(world)]
     for i, owner in enumerate(owners):
-        piece = torch.zeros(_piece_len(shapes[i], world), dtype=dtype)
+        piece = torch.zeros(_piece_len(shapes[i], world), dtype=dtype, device=device)
         _pack(local[i], shapes[i], world, piece)
         send[owner].append(piece)
-    received = _exchange(send, [sum(_piece_len(shapes[i], world) for i in mine)] * world, group)
-    full = {i: [] for i in mine}
+    received = _exchange(send, [sum(_piece_len(shapes[i], world) for i in mine)] * world, dtype, device, group)
+    if out is None:
+        out = {i: [torch.empty(shape, dtype=dtype, device=device) for shape in shapes[i]] for i in mine}
     for source, buf in enumerate(received):
         for i, piece in zip(mine, buf.split([_piece_len(shapes[i], world) for i in mine])):
-            full[i].append(_unpack(piece, shapes[i], world, source))
-    return {i: [torch.cat(rows) for rows in zip(*per_source)] for i, per_source in full.items()}
+            for whole, rows in zip(out[i], _unpack(piece, shapes[i], world, source)):
+                whole[shard_rows(whole.shape[0], world, source)] = rows
+    return out
 
 
 def scatter_from_owners(
-    full: dict[int, list[torch.Tensor]], shapes: list[list[Shape]], owners: list[int], dtype: torch.dtype, group=None
+    full: dict[int, list[torch.Tensor]],
+    shapes: list[list[Shape]],
+    owners: list[int],
+    dtype: torch.dtype,
+    device: torch.device,
+    group=None,
 ) -> list[list[torch.Tensor]]:
     """The inverse of gather_to_owners: every rank gets its row shard of each
     field of every matrix back from the matrix's owner (a rank may own none,
-    hence the explicit dtype)."""
+    hence the explicit dtype and device)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     send = [[] for _ in range(world)]
     for dest in range(world):
         for i in sorted(full):
-            piece = torch.zeros(_piece_len(shapes[i], world), dtype=dtype)
+            piece = torch.zeros(_piece_len(shapes[i], world), dtype=dtype, device=device)
             _pack([t[shard_rows(t.shape[0], world, dest)] for t in full[i]], shapes[i], world, piece)
             send[dest].append(piece)
     recv_lens = [sum(_piece_len(shapes[i], world) for i, o in enumerate(owners) if o == src) for src in range(world)]
-    received = _exchange(send, recv_lens, group)
+    received = _exchange(send, recv_lens, dtype, device, group)
     local: list[list[torch.Tensor]] = [[] for _ in owners]
     for source, buf in enumerate(received):
         theirs = [i for i, o in enumerate(owners) if o == source]

@@ -4,131 +4,97 @@
     torchrun --nproc-per-node 2 -m lipnext.train --preset digits ...          # FSDP2, no Ray
     TorchTrainer(train_loop_per_worker, train_loop_config=config.to_dict())   # Ray Train
 
-The loop builds the model on the meta device, shards it with FSDP2 when
-there is more than one rank, materialises it (the same weights as an
-unsharded init with the same seed), trains with the manifold optimizer and
-the offset cross-entropy, evaluates certified accuracy, and checkpoints with
-DCP. A `Session` is the edge: where checkpoints go and where metrics are
-reported (Ray, or the console and a local directory).
+Three parts that the loop, the benchmarks and the tests share:
+`build_model` (on the meta device, sharded with FSDP2 when there is more than
+one rank, then materialised: the same weights as an unsharded init with the
+same seed), `build_optimizer` (the manifold optimizer from OptimConfig) and
+`train_step` (forward, offset cross-entropy, backward, clipping, optimizer
+step). `train` loops over them; at every epoch end it syncs Lookahead,
+projects the matrices onto their manifold, evaluates certified accuracy
+(lipnext.certify), audits the certificate (lipnext.audit) and checkpoints with
+DCP (lipnext.checkpoint). A session is the edge
+(lipnext.session): where checkpoints go and where metrics are reported (Ray,
+or the console and a local directory).
 """
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lipnext import checkpoint
-from lipnext.certify import (
-    EPS_255,
-    class_vectors,
-    feature_lipschitz_bound,
-    lipschitz_bound,
-    max_orthogonality_error,
-    offset_cross_entropy,
-    pairwise_radius,
-)
-from lipnext.config import PRESETS, preset
-from lipnext.data import DataError, ShardLoader, open_dataset
+from lipnext.audit import UnsoundCertificate, audit, audit_sample
+from lipnext.augment import Augmentation
+from lipnext.certify import Certificate, accuracies, certified_counts, offset_cross_entropy
+from lipnext.config import PRESETS, LipNeXtConfig, preset
+from lipnext.data import DataError, open_dataset
+from lipnext.loader import ShardLoader
 from lipnext.manifold import ManifoldAdamW, param_groups
-from lipnext.metrics import DIVERGED, TRAIN_SAMPLES
+from lipnext.metrics import (
+    ACCURACIES,
+    DIVERGED,
+    EPOCH,
+    EVAL_SAMPLES_PER_S,
+    FLOPS_PER_SAMPLE,
+    LIPSCHITZ_BOUND,
+    ORTHO_ERROR,
+    PARAMS,
+    STEP,
+    STEP_TIME_S,
+    TRAIN_EPS,
+    TRAIN_LOSS,
+    TRAIN_LR,
+    TRAIN_SAMPLES,
+    TRAIN_SAMPLES_PER_S,
+    UNSOUND,
+)
 from lipnext.model import LipNeXt, train_flops_per_sample
 from lipnext.parallelize import apply_fsdp, materialize
-from lipnext.train_config import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
+from lipnext.session import LocalSession, RaySession
+from lipnext.train_config import CheckpointConfig, DataConfig, Device, OptimConfig, Precision, TrainConfig
 
 log = logging.getLogger("lipnext.train")
 
 
-class LocalSession:
-    """No Ray: metrics go to the log (rank 0), checkpoints to config.checkpoint.dir."""
+class Stopped(Exception):
+    """A trial that cannot go on: a rerun from its last checkpoint would stop the same
+    way (training is deterministic). Its last report carries the reason under `key`."""
 
-    def __init__(self, config: CheckpointConfig):
-        self.config = config
-        self.history: list[dict] = []
-
-    @contextlib.contextmanager
-    def checkpoint_to_restore(self):
-        yield checkpoint.latest(self.config.dir) if self.config.dir and Path(self.config.dir).exists() else None
-
-    @contextlib.contextmanager
-    def checkpoint_dir(self, step: int):
-        yield Path(self.config.dir) / f"step_{step:09d}" if self.config.dir else None
-
-    def report(self, metrics: dict, saved: Path | None) -> None:
-        self.history.append(metrics)
-        if saved is not None:
-            checkpoint.prune(self.config.dir, self.config.keep)
-
-
-class RaySession:
-    """Inside Ray: report through `api`, checkpoints handed to Ray, which merges
-    the ranks' shard files into the run's storage. `api` is ray.train in a Ray
-    Train worker (the default), ray.tune in a Tune trial that trains in its own
-    process (no worker group to start)."""
-
-    def __init__(self, api=None):
-        if api is None:
-            import ray.train as api
-        self.api = api
-
-    @contextlib.contextmanager
-    def checkpoint_to_restore(self):
-        """Ray's latest checkpoint, or the newest older one kept beside it when that one
-        fails verification (a truncated or corrupt upload); None if none verifies."""
-        for candidate in _newest_first(self.api.get_checkpoint()):
-            with candidate.as_directory() as directory:
-                try:
-                    checkpoint.verify(directory)
-                except checkpoint.CheckpointError as e:
-                    log.warning("passing over a bad checkpoint: %s", e)
-                    continue
-                yield Path(directory)
-                return
-        yield None
-
-    @contextlib.contextmanager
-    def checkpoint_dir(self, step: int):
-        with tempfile.TemporaryDirectory(prefix=f"lipnext-step{step}-") as directory:
-            yield Path(directory)
-
-    def report(self, metrics: dict, saved: Path | None) -> None:
-        self.api.report(metrics, checkpoint=self.api.Checkpoint.from_directory(saved) if saved else None)
-
-
-def _newest_first(registered) -> list:
-    """Ray's checkpoint and the older ones it keeps in the same folder (CheckpointConfig's
-    num_to_keep: Ray only hands back the latest), newest first."""
-    if registered is None:
-        return []
-    import pyarrow.fs
-
-    folder, name = registered.path.rstrip("/").rsplit("/", 1)
-    siblings = registered.filesystem.get_file_info(pyarrow.fs.FileSelector(folder))
-    older = sorted(
-        (i.path for i in siblings if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
-         and i.base_name < name),
-        reverse=True,
-    )  # fmt: skip
-    return [registered] + [type(registered)(path, filesystem=registered.filesystem) for path in older]
-
-
-class Diverged(ArithmeticError):
-    """The training loss stopped being finite: the weights are lost, and a rerun from the
-    last checkpoint would diverge again at the same step (training is deterministic)."""
+    key: str
 
     def __init__(self, reason: str, report: dict):
         super().__init__(reason)
         self.report = report
-        """The diverged epoch's report (epoch, step, train/loss)."""
+        """The stopping epoch's report (epoch, step; train/loss for a divergence)."""
+
+
+class Diverged(Stopped, ArithmeticError):
+    """The training loss (or its gradient) stopped being finite."""
+
+    key = DIVERGED
+
+
+class Unsound(Stopped):
+    """The audit flipped a point inside its certified radius (lipnext.audit.UnsoundCertificate)."""
+
+    key = UNSOUND
+
+
+class NonFiniteStep(ArithmeticError):
+    """train_step found a gradient norm that is not finite, on every rank at once; the
+    optimizer step was not taken."""
+
+    def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor):
+        super().__init__(f"the gradient norm is {grad_norm.item()}")
+        self.loss, self.grad_norm = loss, grad_norm
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,6 +103,22 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
+
+
+def build_model(config: LipNeXtConfig, device: torch.device, seed: int = 0, mesh: DeviceMesh | None = None) -> LipNeXt:
+    """LipNeXt built on the meta device, sharded with FSDP2 over `mesh` if given,
+    then materialised on `device` with the weights of LipNeXt.init_weights(seed)."""
+    with torch.device("meta"):
+        model = LipNeXt(config)
+    if mesh is not None:
+        apply_fsdp(model, mesh)
+    materialize(model, device, seed)
+    return model
+
+
+def build_optimizer(model: LipNeXt, config: OptimConfig) -> ManifoldAdamW:
+    """The manifold optimizer over the model's parameter groups, as `config` sets it."""
+    return ManifoldAdamW(param_groups(model), **config.optimizer_kwargs())
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float):
@@ -150,6 +132,41 @@ def warmup_cosine(total_steps: int, warmup_fraction: float):
     return factor
 
 
+def _grad_norm(model: LipNeXt) -> torch.Tensor:
+    """The L2 norm of all gradients together, over all ranks (under FSDP2 the
+    gradients are DTensor shards, and full_tensor() all-reduces the norm)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def train_step(
+    model: LipNeXt, optimizer: ManifoldAdamW, images: torch.Tensor, labels: torch.Tensor, eps: float,
+    config: TrainConfig,
+) -> torch.Tensor:  # fmt: skip
+    """One step of training: forward (bf16 autocast when config.precision is bf16;
+    the weights stay fp32), the offset cross-entropy at radius `eps`, backward,
+    clipping to config.optim.grad_clip and the manifold step. Returns this rank's
+    loss, detached, on the images' device.
+
+    Raises NonFiniteStep, before the optimizer step, when the gradient norm is
+    not finite (a non-finite loss makes every gradient NaN). The norm is the one
+    clipping needs anyway, already reduced over ranks, so every rank stops at the
+    same step, for one scalar host sync per step (under FSDP2 a rank that raised
+    alone would leave the others waiting in a collective)."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        logits = model(images)
+    loss = offset_cross_entropy(logits.float(), labels, eps, temperature=config.loss.temperature)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = _grad_norm(model)
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteStep(loss.detach(), grad_norm)
+    if config.optim.grad_clip:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), config.optim.grad_clip, grad_norm)
+    optimizer.step()
+    return loss.detach()
+
+
 def _all_reduce_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -158,31 +175,44 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model: LipNeXt, loader: ShardLoader, device: torch.device) -> dict:
-    """Clean accuracy and CRA over this rank's share, summed over ranks.
+def evaluate(
+    model: LipNeXt, loader: ShardLoader, device: torch.device,
+    sample: tuple[torch.Tensor, torch.Tensor] | None = None, save_to=None,
+) -> dict:  # fmt: skip
+    """Clean accuracy and CRA over this rank's share, summed over ranks, with the
+    certificate's Lipschitz bound and orthogonality error: exactly what
+    lipnext.certify gives for the same model and data (one Certificate, one Gram
+    matrix per orthogonal matrix, per evaluation). With an audit `sample` (the
+    same points on every rank), the same certificate is attacked there
+    (lipnext.audit); a flip inside a radius raises UnsoundCertificate, the points
+    saved to `save_to`.
 
     Always fp32: the certificate is computed from the fp32 weights, and a
     bf16 forward would use weights rounded off the manifold (~1e-2 here)."""
+    training = model.training
     model.eval()
-    vectors = class_vectors(model).to(device)
-    feature_bound = feature_lipschitz_bound(model)
-    counts = [0.0] * (2 + len(EPS_255))
+    certificate = Certificate(model)
+    counts = torch.zeros(len(ACCURACIES), dtype=torch.int64, device=device)
+    samples = 0
     start = time.perf_counter()
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device)
-        radius = pairwise_radius(model(images).float(), labels, vectors, feature_bound)
-        counts[0] += len(labels)
-        counts[1] += (radius > 0).sum().item()
-        for i, k in enumerate(EPS_255):
-            counts[2 + i] += (radius > k / 255).sum().item()
+        counts += certified_counts(certificate.radius(model(images).float(), labels))
+        samples += len(labels)
     elapsed = _all_reduce_sum([time.perf_counter() - start], device)[0] / max(1, _world())
-    n, correct, *certified = _all_reduce_sum(counts, device)
-    model.train()
-    metrics = {"eval/clean_acc": correct / n, "perf/eval_samples_per_s": n / elapsed}
-    metrics.update({f"eval/cra_{k}": c / n for k, c in zip(EPS_255, certified)})
-    metrics["model/lipschitz_bound"] = lipschitz_bound(model)
-    metrics["model/ortho_error"] = max_orthogonality_error(model)
-    return metrics
+    n, *certified = _all_reduce_sum([samples, *counts.tolist()], device)
+    report = {
+        **accuracies(certified, n),
+        EVAL_SAMPLES_PER_S: n / elapsed,
+        LIPSCHITZ_BOUND: certificate.lipschitz,
+        ORTHO_ERROR: certificate.ortho_error,
+    }
+    if sample is not None:
+        x, y = (t.to(device) for t in sample)
+        radius = certificate.radius(model(x).float(), y)
+        report.update(audit(model, x, y, radius, certificate.feature_lipschitz, save_to))
+    model.train(training)
+    return report
 
 
 def _world() -> int:
@@ -207,18 +237,17 @@ def train(config: TrainConfig, session) -> dict:
     if problem := config.model.data_mismatch(dataset.manifest.shape, len(dataset.manifest.classes)):
         raise ValueError(f"data.uri: {config.data.uri} {problem}")
     common = dict(rank=rank, world_size=world, seed=config.seed, prefetch=config.data.prefetch)
-    train_loader = ShardLoader(dataset, "train", batch, shuffle=True, drop_last=True, augment=config.data.augment, **common)
+    augment = config.data.augment
+    train_loader = ShardLoader(dataset, "train", batch, shuffle=True, drop_last=True, augment=augment, **common)
     test_loader = ShardLoader(dataset, "test", batch, shuffle=False, **common)
+    sample = audit_sample(dataset, config.audit_points, config.seed) if config.audit_points else None
 
-    with torch.device("meta"):
-        model = LipNeXt(config.model)
-    if world > 1:
-        apply_fsdp(model, init_device_mesh(device.type, (world,)))
-    materialize(model, device, config.seed)
-    o = config.optim
-    optimizer = ManifoldAdamW(param_groups(model), **o.optimizer_kwargs())
+    # FSDP2 only with more than one rank.
+    mesh = init_device_mesh(device.type, (world,)) if world > 1 else None
+    model = build_model(config.model, device, config.seed, mesh)
+    optimizer = build_optimizer(model, config.optim)
     total_steps = config.epochs * len(train_loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, o.warmup_fraction))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, config.optim.warmup_fraction))
     progress = checkpoint.Progress()
     state = checkpoint.TrainingState(model, optimizer, schedule, train_loader, progress)
     with session.checkpoint_to_restore() as restore:
@@ -227,10 +256,10 @@ def train(config: TrainConfig, session) -> dict:
             log.info("resumed from %s at epoch %d, step %d", restore, progress.epoch, progress.step)
 
     facts = {
-        "model/params": sum(p.numel() for p in model.parameters()),
-        "model/flops_per_sample": train_flops_per_sample(config.model, batch),
+        PARAMS: sum(p.numel() for p in model.parameters()),
+        FLOPS_PER_SAMPLE: train_flops_per_sample(config.model, batch),
     }
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    ramp = config.loss.eps_ramp_fraction * total_steps
     metrics: dict = {}
     start_time, first_epoch = time.perf_counter(), progress.epoch
     for epoch in range(first_epoch, config.epochs):
@@ -239,72 +268,78 @@ def train(config: TrainConfig, session) -> dict:
         for images, labels in train_loader:
             step_start = time.perf_counter()
             images, labels = images.to(device, non_blocking=True), labels.to(device)
-            ramp = config.loss.eps_ramp_fraction * total_steps
             eps = config.loss.eps_train * min(1.0, progress.step / ramp) if ramp else config.loss.eps_train
-            with autocast:
-                logits = model(images)
-            loss = offset_cross_entropy(logits.float(), labels, eps, temperature=config.loss.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            optimizer.step()
+            try:
+                losses.append(train_step(model, optimizer, images, labels, eps, config))
+            except NonFiniteStep as e:
+                raise _diverged(e, epoch + 1, progress.step + 1, schedule.get_last_lr()[0], device) from None
             schedule.step()
             progress.step += 1
-            losses.append(loss.detach())
             step_times.append(time.perf_counter() - step_start)
+        # LiResNet++ syncs Lookahead at every epoch end; the polar projection then puts every
+        # matrix back at the float32 floor (~6e-7 at n = 1024), so each evaluation and
+        # checkpoint below sees exactly orthogonal weights, whatever the increments' dtype.
+        optimizer.sync_lookahead()
+        optimizer.project()
         progress.epoch = epoch + 1
         epoch_seconds = time.perf_counter() - epoch_start
         loss_sum, samples = _all_reduce_sum([torch.stack(losses).sum().item(), len(losses) * batch * world], device)
-        # Checked on the sum over ranks, so every rank stops at the same epoch (a per-step
-        # check on one rank's loss would leave the others waiting in FSDP's collectives).
-        if not math.isfinite(loss_sum):
-            raise Diverged(
-                f"train/loss is {loss_sum} in epoch {progress.epoch} (step {progress.step}, lr "
-                f"{schedule.get_last_lr()[0]:.3g}): the trial diverged",
-                {"epoch": progress.epoch, "step": progress.step, "train/loss": loss_sum},
-            )
         metrics = {
-            "epoch": progress.epoch,
-            "step": progress.step,
-            "train/loss": loss_sum * batch * world / max(1, samples),
-            "train/lr": schedule.get_last_lr()[0],
-            "train/eps": eps,
+            EPOCH: progress.epoch,
+            STEP: progress.step,
+            TRAIN_LOSS: loss_sum * batch * world / max(1, samples),
+            TRAIN_LR: schedule.get_last_lr()[0],
+            TRAIN_EPS: eps,
             TRAIN_SAMPLES: progress.step * batch * world,
-            "perf/train_samples_per_s": samples / epoch_seconds,
-            "perf/step_time_s": statistics.median(step_times),
+            TRAIN_SAMPLES_PER_S: samples / epoch_seconds,
+            STEP_TIME_S: statistics.median(step_times),
             **facts,
         }
         last = progress.epoch == config.epochs
         if last or progress.epoch % config.eval_every_epochs == 0:
-            with optimizer.ema_weights():
-                metrics.update(evaluate(model, test_loader, device))
+            save_to = session.artifact_dir / "unsound.pt" if rank == 0 and session.artifact_dir else None
+            try:
+                with optimizer.ema_weights():
+                    metrics.update(evaluate(model, test_loader, device, sample, save_to))
+            except UnsoundCertificate as e:  # every rank audits the same points: all are here
+                raise Unsound(f"{e} (epoch {progress.epoch})", {EPOCH: progress.epoch, STEP: progress.step}) from None
         every = config.checkpoint.every_epochs
         with session.checkpoint_dir(progress.step) as directory:
             saved = None
             if directory is not None and (last or (every and progress.epoch % every == 0)):
-                saved = checkpoint.save(state, directory)
+                saved = checkpoint.save(state, directory, config, export=last)
             if rank == 0:
                 per_epoch = (time.perf_counter() - start_time) / (progress.epoch - first_epoch)
                 eta = per_epoch * (config.epochs - progress.epoch)
                 log.info(
                     "epoch %d/%d  loss %.4f  lr %.2e  %.0f samples/s  ETA %.0fs%s",
-                    progress.epoch, config.epochs, metrics["train/loss"], metrics["train/lr"],
-                    metrics["perf/train_samples_per_s"], eta,
-                    "".join(f"  {k.split('/')[1]} {metrics[k]:.3f}" for k in metrics if k.startswith("eval/")),
-                )
+                    progress.epoch, config.epochs, metrics[TRAIN_LOSS], metrics[TRAIN_LR],
+                    metrics[TRAIN_SAMPLES_PER_S], eta,
+                    "".join(f"  {k.split('/')[1]} {metrics[k]:.3f}" for k in ACCURACIES if k in metrics),
+                )  # fmt: skip
             session.report(metrics, saved)
     return metrics
 
 
+def _diverged(step: NonFiniteStep, epoch: int, number: int, lr: float, device) -> Diverged:
+    """The report of a step whose gradient norm was not finite (every rank is here at once)."""
+    loss = _all_reduce_sum([step.loss.item()], device)[0] / _world()
+    what = f"{TRAIN_LOSS} is {loss}" if not math.isfinite(loss) else f"{TRAIN_LOSS} is {loss} but {step}"
+    return Diverged(
+        f"{what} in epoch {epoch} (step {number}, lr {lr:.3g}): the trial diverged",
+        {EPOCH: epoch, STEP: number, TRAIN_LOSS: loss},
+    )
+
+
 def train_in_ray(config: TrainConfig, session: RaySession) -> None:
-    """train(), with a divergence reported as the trial's last result instead of raised:
-    Ray would retry a failed trial from its last checkpoint, to diverge again."""
+    """train(), with a divergence or an unsound certificate reported as the trial's last
+    result instead of raised: Ray would retry a failed trial from its last checkpoint,
+    to stop again at the same step."""
     try:
         train(config, session)
-    except Diverged as e:
+    except Stopped as e:
         log.error("%s", e)
-        session.report({**e.report, DIVERGED: str(e)}, None)
+        session.report({**e.report, e.key: str(e)}, None)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -320,10 +355,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=DataConfig.batch_size, help="global batch")
     p.add_argument("--lr", type=float, default=OptimConfig.lr)
-    p.add_argument("--augment", choices=["crop_flip", "random_resized_crop"], default=None)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", choices=get_args(Augmentation), default=DataConfig.augment)
+    p.add_argument("--precision", choices=get_args(Precision), default=TrainConfig.precision)
+    p.add_argument("--device", choices=get_args(Device), default=TrainConfig.device)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--checkpoint-dir", default=None, help="save (and resume from) DCP checkpoints here")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     return p
@@ -348,14 +383,15 @@ def main(argv: list[str] | None = None) -> dict:
     torchrun = "RANK" in os.environ
     if torchrun and not dist.is_initialized():
         dist.init_process_group("nccl" if resolve_device(args.device).type == "cuda" else "gloo")
+    rank = _rank()  # before the process group goes
     try:
         metrics = train(config, LocalSession(config.checkpoint))
-    except (DataError, Diverged) as e:  # bad data, or a run that cannot go on: one line, no traceback
+    except (DataError, Stopped) as e:  # bad data, or a run that cannot go on: one line, no traceback
         raise SystemExit(f"error: {e}") from None
     finally:
         if torchrun:
             dist.destroy_process_group()
-    if args.json and _rank() == 0:
+    if args.json and rank == 0:
         print(json.dumps(metrics, indent=2))
     return metrics
 
