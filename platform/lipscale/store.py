@@ -12,6 +12,7 @@ logs a failed `tell` as a warning only, leaving the trial RUNNING, its row lost.
 """
 
 import functools
+import inspect
 import json
 import logging
 import threading
@@ -103,8 +104,11 @@ class Storage(optuna.storages.RDBStorage):
         super().__init__(url, engine_kwargs={"pool_pre_ping": True} if self.server else None, **kwargs)
 
 
+# Every method, private ones too: the study's _CachedStorage calls _get_trials, _create_new_trial and
+# others of ours directly, and a PostgreSQL restart stopped the driver in _get_trials. A method that
+# runs inside another (a ..._without_commit helper) is not retried on its own (_waits_out_outages).
 for _name, _method in vars(optuna.storages.RDBStorage).items():
-    if callable(_method) and not _name.startswith("_"):
+    if inspect.isfunction(_method) and not _name.startswith("__"):
         setattr(Storage, _name, _waits_out_outages(_method))
 
 

@@ -28,7 +28,7 @@ def complete(spec) -> int:
             return 0
         study = optuna.load_study(study_name=spec.name, storage=storage)
         return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-    except sqlalchemy.exc.SQLAlchemyError:  # no tables yet, or the server is away
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):  # no tables yet, or no server
         return 0
 
 

@@ -4,10 +4,8 @@ driver waits; the MLflow tracking server down as a trial ends and the next start
 and down for longer than a report waits; and a second driver started on the
 storage of a study that is running. Each case counts what the stores kept."""
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -24,7 +22,7 @@ from lipscale.trial import caused_by
 from servers import kill_session, mlflow_server, outage, postgres_server
 from test_faults import _an_epoch_is_logged, fifo_spec
 from test_study import local_ray  # noqa: F401 - a fixture
-from test_study_process_faults import SCRIPT
+from test_study_process_faults import start_driver, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -176,25 +174,17 @@ def _running(spec) -> bool:
         storage = optuna.storages.RDBStorage(spec.optuna_url, skip_table_creation=True, skip_compatibility_check=True)
         study = optuna.load_study(study_name=spec.name, storage=storage)
         return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
-    except (sqlalchemy.exc.SQLAlchemyError, KeyError):  # no tables or no study yet
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, KeyError):  # no tables, no study
         return False
 
 
 def test_a_second_driver_on_the_storage_of_a_running_study_is_refused(tmp_path, scoreboard):
     scoreboard.fault("a second driver (the same command, another process) started while the first runs the study")
     raw = fifo_spec(tmp_path / "root", trials=3, epochs=6)
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     spec = parse_spec(raw)
-    command = [sys.executable, str(SCRIPT), "--spec", str(tmp_path / "spec.yaml")]
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own, whatever else runs here
-
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first, command, env = start_driver(tmp_path, raw)
     try:
-        deadline = time.monotonic() + 300
-        while not _running(spec):
-            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.2)
+        wait_until(lambda: _running(spec), first, tmp_path / "first.log")
         second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
         assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
     finally:

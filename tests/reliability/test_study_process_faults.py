@@ -37,23 +37,34 @@ def _snapshot(spec) -> dict:
     return snapshot
 
 
+def start_driver(tmp_path, raw: dict, name: str = "first") -> tuple[subprocess.Popen, list[str], dict]:
+    """The study `raw` (written to spec.yaml) run as users run it, in a process (and a Ray) of its
+    own, its output in <name>.log: (the process, its command, its environment)."""
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    command = [sys.executable, str(SCRIPT), "--spec", str(tmp_path / "spec.yaml")]
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own, whatever else runs here
+    with open(tmp_path / f"{name}.log", "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return process, command, env
+
+
+def wait_until(condition, process: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    """Returns once condition() holds; fails with the end of the log if the process ends first."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_the_driver_killed_mid_study_then_run_again(tmp_path, scoreboard):
     scoreboard.fault("SIGKILL of the study's driver (studies/scaling_law.py) mid-study, then the same command again")
     raw = four_trial_spec(tmp_path / "root")
     raw["budget"]["epochs"] = 20  # seconds per trial: the kill lands while trials run
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     spec = parse_spec(raw)
-    command = [sys.executable, str(SCRIPT), "--spec", str(tmp_path / "spec.yaml")]
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own, whatever else runs here
-
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first, command, env = start_driver(tmp_path, raw)
     try:
-        deadline = time.monotonic() + 300
-        while complete(spec) < 1:
-            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.2)
+        wait_until(lambda: complete(spec) >= 1, first, tmp_path / "first.log")
         first.send_signal(signal.SIGKILL)
         first.wait()
     finally:
