@@ -4,6 +4,7 @@ orphaned."""
 
 import errno
 import json
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -50,6 +51,16 @@ def four_trial_spec(root) -> dict:
     return raw
 
 
+TUNE_WARNINGS: list[str] = []
+"""What Ray Tune warned of while the `finished` study ran."""
+
+
+class _Recorder(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            TUNE_WARNINGS.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def finished(local_ray, tmp_path_factory):
     """A 4-trial study on digits, run to the end; the spec is also written to spec.yaml."""
@@ -57,7 +68,12 @@ def finished(local_ray, tmp_path_factory):
     raw = four_trial_spec(tmp / "root")
     (tmp / "spec.yaml").write_text(yaml.safe_dump(raw))
     spec = parse_spec(raw)
-    return spec, run(spec), tmp / "spec.yaml"
+    recorder, tune_log = _Recorder(), logging.getLogger("ray.tune")
+    tune_log.addHandler(recorder)
+    try:
+        return spec, run(spec), tmp / "spec.yaml"
+    finally:
+        tune_log.removeHandler(recorder)
 
 
 def child_runs(spec, parent: str):
@@ -174,6 +190,13 @@ def test_the_experiment_opens_as_model_training_with_its_trials_cra_throughput_a
 def test_optuna_dashboard_names_the_objective(finished):
     _, study, _ = finished
     assert study.metric_names == ["eval/cra_36"]
+
+
+def test_the_study_log_carries_no_repeated_ray_tune_warning(finished):
+    # Each trial checkpoints every epoch and keeps 2: Tune snapshots the experiment after every
+    # second checkpoint of a trial and warned each time two snapshots came within 5 s.
+    assert not [w for w in TUNE_WARNINGS if "snapshotting has been triggered multiple times" in w]
+    assert len(set(TUNE_WARNINGS)) == len(TUNE_WARNINGS), TUNE_WARNINGS
 
 
 def test_running_a_finished_study_again_changes_nothing(finished):
