@@ -66,7 +66,7 @@ POSTGRES_ERROR = (
 # {tmp} is the test's folder, {port} a port where nothing listens.
 SPECS = [
     ("no epochs", [("budget.epochs", 0)], "budget.epochs: Input should be greater than or equal to 1, got 0"),
-    ("eval period of zero", [("fixed.eval_every_epochs", 0)], "fixed: eval_every_epochs must be positive, got 0"),
+    ("eval period of zero", [("fixed.eval_every_epochs", 0)], "fixed: eval_every_epochs must be a positive integer, got 0"),
     ("no CPU per worker", [("budget.cpus_per_worker", 0)], "budget.cpus_per_worker: Input should be greater than 0, got 0"),
     ("negative retries", [("budget.max_failures", -1)],
      "budget.max_failures: Input should be greater than or equal to 0, got -1"),
