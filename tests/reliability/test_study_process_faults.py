@@ -80,14 +80,14 @@ def test_the_driver_killed_mid_study_then_run_again(tmp_path, scoreboard):
         kill_session(second)
 
     study = optuna.load_study(study_name=spec.name, storage=spec.optuna_url)
-    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(complete) == 4
+    completed = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(completed) == 4
     others = [t for t in study.trials if t.state != optuna.trial.TrialState.COMPLETE]
     assert all(t.state.name == "FAIL" and REQUEUED_ATTR in t.user_attrs for t in others)
     client = mlflow.MlflowClient(spec.mlflow_uri)
     experiment = client.get_experiment_by_name(spec.name).experiment_id
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{study.user_attrs[PARENT_ATTR]}'")
-    assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs[RUN_ATTR] for t in complete)
+    assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs[RUN_ATTR] for t in completed)
     for run in children:  # every epoch logged once, resumed trials included
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 21))
     after = _snapshot(spec)
