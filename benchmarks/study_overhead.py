@@ -149,7 +149,7 @@ def main() -> None:
             spec_path.write_text(yaml.safe_dump(launcher_spec(tmp / "quick", "auto")))
         else:
             spec_path = REPO / "studies" / "specs" / "digits.yaml"
-        spec = load_spec(spec_path).with_root(str(tmp / "default"))
+        spec = load_spec(spec_path, str(tmp / "default"))
         report["default_study"] = {"spec": spec.name, **analyse(spec, *run_study(spec_path, tmp / "default"))}
         report["launchers"] = {}
         for launcher in ("auto", "ray_train"):

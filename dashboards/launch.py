@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="default 5000 (mlflow), 8080 (optuna)")
     args = parser.parse_args(argv)
     try:
-        spec = load_spec(args.spec)
-        spec = spec.with_root(args.root) if args.root else spec
+        spec = load_spec(args.spec, args.root)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -49,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which(argv[0]) is None:
         print(f"error: {argv[0]} is not installed: pip install -e '.[dashboards]'", file=sys.stderr)
         return 2
-    print(f"study {spec.name}: http://{HOST}:{args.port or default_port}  ({uris.redact(' '.join(argv))})", flush=True)
+    url = f"http://{HOST}:{args.port or default_port}"
+    if args.tool == "mlflow":  # the experiment's trials, as model training (lipscale.tracking)
+        from lipscale.tracking import Tracking
+
+        url = Tracking(spec).view_url(url)
+    print(f"study {spec.name}: {url}  ({uris.redact(' '.join(argv))})", flush=True)
     os.execvp(argv[0], argv)  # the server replaces this process: Ctrl-C stops it
 
 

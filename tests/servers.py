@@ -8,11 +8,13 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import s3fs
@@ -127,6 +129,54 @@ def mlflow_server(folder):
         yield server
     finally:
         server.kill()
+
+
+class PostgresServer:
+    """PostgreSQL on a free port of 127.0.0.1, its data in a fresh folder under /tmp (the postgres
+    user, which the server runs as when this runs as root, cannot reach pytest's), with a database
+    `optuna` that anyone on 127.0.0.1 may use (trust: a test's server). kill() stops it at once
+    (`pg_ctl stop -m immediate`: every connection cut, as a crash does); start() brings it back on
+    the same port and data."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="lipscale-pg-"))
+        self.folder.chmod(0o755)
+        self.data, self.port = self.folder / "data", free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/optuna"
+        self.bindir = Path(shutil.which("initdb")).resolve().parent
+        self.data.mkdir(mode=0o700)
+        if os.geteuid() == 0:
+            shutil.chown(self.data, "postgres", "postgres")
+        self._pg("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust")
+
+    def _pg(self, tool: str, *args: str) -> None:
+        command = [str(self.bindir / tool), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, text=True)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1"
+        self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.data / "server.log"), "-o", options, "-w", "start")
+
+    def kill(self) -> None:
+        self._pg("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def create_database(self) -> None:
+        self._pg("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "optuna")
+
+
+@contextlib.contextmanager
+def postgres_server():
+    server = PostgresServer()
+    server.start()
+    try:
+        server.create_database()
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
+            server.kill()
+        shutil.rmtree(server.folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

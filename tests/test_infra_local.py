@@ -175,6 +175,30 @@ def test_a_wrong_mlflow_password_stops_a_study_before_anything_is_created(stack,
     assert not s3(stack).exists("lipscale/studies/refused")
 
 
+def test_a_study_job_with_a_relative_root_is_refused_saying_how_to_set_one_and_runs_where_it_says(stack, tmp_path):
+    # Under `--working-dir` the driver runs in Ray's copy of it (.../working_dir_files/_ray_pkg_...), deleted with
+    # the session: a relative root there would hold the study's results until they vanish, silently.
+    raw = yaml.safe_load(digits_on_stack(stack))
+    raw["name"], raw["storage"]["root"] = "digits-relative", "runs/digits"  # not the study_job's study
+    (tmp_path / "digits.yaml").write_text(yaml.safe_dump(raw))
+    env = client_env(stack)
+    command = [sys.executable, "studies/scaling_law.py", "--spec", str(tmp_path / "digits.yaml"), "--smoke-test"]
+    refused = ray_job(env, "submit", "--working-dir", str(REPO), "--", *command, timeout=600)
+    assert refused.returncode != 0
+    (error,) = {line for line in refused.stdout.splitlines() if line.startswith("error: ")}  # the log, then its tail
+    assert re.fullmatch(
+        r"error: \S+/digits\.yaml: storage\.root: 'runs/digits' is relative, and this study runs as a Ray job in Ray's "
+        r"temporary copy of its working directory \(\S+/runtime_resources/working_dir_files/_ray_pkg_\w+\), deleted "
+        r"with the job: give the study a lasting root, an absolute path or an s3:// URI, with --root or storage\.root",
+        error,
+    ), error
+    lasting = tmp_path / "lasting"  # this machine's disk: both nodes of the local stack run here
+    done = ray_job(env, "submit", "--working-dir", str(REPO), "--", *command, "--root", str(lasting), timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"results: {lasting}/results.parquet" in done.stdout
+    assert [r["state"] for r in pq.read_table(lasting / "results.parquet").to_pylist()] == ["COMPLETE", "COMPLETE"]
+
+
 def test_the_study_job_logs_its_runs_and_metrics_to_the_mlflow_server(stack, study_job):
     logs, _ = study_job
     assert "study digits-smoke: 2 trials (2 COMPLETE)" in logs
@@ -210,15 +234,15 @@ def test_checkpoints_artifacts_and_results_parquet_are_in_s3(stack, study_job, m
     monkeypatch.setenv("PGPASSFILE", stack.client_env()["PGPASSFILE"])
     study = optuna.load_study(study_name=STUDY, storage=optuna.storages.RDBStorage(stack.uris["optuna"]))
     fs = s3(stack)
-    for t in study.trials:
-        assert fs.exists(t.user_attrs[CHECKPOINT_ATTR] + "/.metadata")
+    (best,) = study.best_trials
+    for t in study.trials:  # the other finished trial's checkpoint is deleted as it finishes
+        assert fs.exists(t.user_attrs[CHECKPOINT_ATTR] + "/.metadata") == (t.number == best.number)
     with fs.open(f"lipscale/studies/{STUDY}/results.parquet") as f:
         rows = pq.read_table(f).to_pylist()
     assert sorted((r["trial"], r["state"], r[RUN_ATTR]) for r in rows) == [
         (t.number, "COMPLETE", t.user_attrs[RUN_ATTR]) for t in study.trials
     ]
     # The best trial's checkpoint, logged to its run, went through the server to S3.
-    (best,) = study.best_trials
     logged = fs.glob(f"lipscale/mlartifacts/*/{best.user_attrs[RUN_ATTR]}/artifacts/checkpoint/.metadata")
     assert len(logged) == 1
 

@@ -11,6 +11,7 @@ by hand-made rows and must give reasons, not tracebacks.
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -376,3 +377,37 @@ def test_each_dashboard_serves_the_studys_own_store_on_localhost(study, script, 
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # its session: the server and its workers (MLflow's uvicorn)
         server.wait(timeout=30)
+
+
+def test_cra_vs_eps_tells_thirty_trials_apart_by_a_colour_bar_not_a_legend_over_the_panels():
+    # The default study's 30 trials named in a legend covered both panels of cra_vs_eps.png.
+    sizes = np.geomspace(4e3, 4e5, 30)
+    accuracies = {m: np.linspace(0.9, 0.1, 30) * (1 - k / 5) for k, m in enumerate(ACCURACIES)}
+    panels = figures.eps_panels(_trials(**{"model/params": sizes, **accuracies}))
+    plt = plots._pyplot()
+    for panel in panels:
+        assert len(panel.series) == 30 and not any(s.legend for s in panel.series)
+        assert panel.colorbar[0] == "parameters" and list(panel.colorbar[1]) == list(sizes)
+        fig, ax = plt.subplots()
+        plots._draw(ax, panel)
+        assert ax.get_legend() is None and len(ax.lines) == 30
+        plt.close(fig)
+    colours = plots.shades(sizes)  # smallest darkest, along viridis in log space
+    assert colours[0] != colours[-1] and len(set(colours)) == 30
+
+
+def test_the_html_trials_table_scrolls_in_its_own_box_instead_of_widening_the_page():
+    table = plots.html_table(["trial", *(f"a long column name {k}" for k in range(40))], [["0", *["0.5"] * 40]])
+    assert table.startswith("<div class='wide'><table>") and table.endswith("</table></div>")
+    page = plots.html_page("a study", [("trials", table)])
+    assert ".wide{overflow-x:auto;max-width:100%}" in page and "white-space:nowrap" in page
+
+
+def test_the_report_needs_nothing_beyond_the_default_install():
+    # `lipscale report` after the README's main command failed until `pip install -e '.[dashboards]'`.
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    default = {re.split(r"[<>=\[ ]", d)[0] for d in project["dependencies"]}
+    assert {"plotly", "matplotlib"} <= default
+    assert not {"plotly", "matplotlib"} & {re.split(r"[<>=\[ ]", d)[0] for d in project["optional-dependencies"]["dashboards"]}

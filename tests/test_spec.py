@@ -16,7 +16,7 @@ from lipscale import cli
 from lipscale.sections import Fixed
 from lipscale.space import scalar, searchable
 from lipscale.plan import fit
-from lipscale.spec import GIB, json_schema, load_spec, parse_spec, plan_trial
+from lipscale.spec import GIB, SpecError, json_schema, load_spec, parse_spec, plan_trial
 from lipscale.tracking import Tracking
 from lipscale.uris import redact
 
@@ -85,6 +85,27 @@ def test_the_default_root_is_under_runs_in_the_working_directory(tmp_path, monke
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert spec.root == f"{tmp_path}/runs/small"
+
+
+def test_a_relative_root_in_a_ray_jobs_copy_of_its_working_directory_is_refused_saying_how_to_set_one(
+    tmp_path, monkeypatch
+):
+    # `ray job submit --working-dir .` runs the driver in Ray's unpacked copy, deleted with the session.
+    package = tmp_path / "session_latest" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    package.mkdir(parents=True)
+    monkeypatch.chdir(package)
+    raw = small(tmp_path)
+    del raw["storage"]
+    with pytest.raises(SpecError) as refused:
+        parse_spec(raw)
+    assert str(refused.value) == (
+        "spec: storage.root: 'runs/small' is relative, and this study runs as a Ray job in Ray's temporary copy of "
+        f"its working directory ({package}), deleted with the job: give the study a lasting root, an absolute path "
+        "or an s3:// URI, with --root or storage.root"
+    )
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    assert load_spec(tmp_path / "spec.yaml", root=str(tmp_path / "lasting")).root == str(tmp_path / "lasting")
+    assert parse_spec(small(tmp_path / "lasting")).root == str(tmp_path / "lasting")
 
 
 def test_a_spec_without_an_mlflow_store_takes_mlflow_tracking_uri(tmp_path, monkeypatch):

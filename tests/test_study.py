@@ -3,6 +3,8 @@ finished study leaves behind, continuing one, and the trials a dead driver
 orphaned."""
 
 import errno
+import json
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from lipscale.report.laws import FitOptions, fit_laws, format_fits, targets
 from lipscale.report.rows import LEFT_OUT, SIZE, load_trials
 from lipscale.search import StudySearch
 from lipscale.spec import SpecError, parse_spec
-from lipscale.store import distributions, open_store
+from lipscale.store import Store, distributions, open_store
 from lipscale.study import run
 from lipscale.tracking import Tracking, flatten
 from lipscale.trial import StorageFull, storage_full
@@ -52,6 +54,16 @@ def four_trial_spec(root) -> dict:
     return raw
 
 
+TUNE_WARNINGS: list[str] = []
+"""What Ray Tune warned of while the `finished` study ran."""
+
+
+class _Recorder(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            TUNE_WARNINGS.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def finished(local_ray, tmp_path_factory):
     """A 4-trial study on digits, run to the end; the spec is also written to spec.yaml."""
@@ -59,7 +71,12 @@ def finished(local_ray, tmp_path_factory):
     raw = four_trial_spec(tmp / "root")
     (tmp / "spec.yaml").write_text(yaml.safe_dump(raw))
     spec = parse_spec(raw)
-    return spec, run(spec), tmp / "spec.yaml"
+    recorder, tune_log = _Recorder(), logging.getLogger("ray.tune")
+    tune_log.addHandler(recorder)
+    try:
+        return spec, run(spec), tmp / "spec.yaml"
+    finally:
+        tune_log.removeHandler(recorder)
 
 
 def child_runs(spec, parent: str):
@@ -107,7 +124,15 @@ def test_the_results_table_has_a_row_per_trial(finished):
         assert {k: row[k] for k in trial.params} == trial.params
         assert row["objective/eval/cra_36"] == trial.values[0] == row["eval/cra_36"]
         assert set(CONTRACT) <= set(row) and row["epoch"] == 2
-        assert row[CHECKPOINT_ATTR].startswith(f"{spec.root}/tune/trial-{trial.number:04d}/")
+        assert trial.user_attrs[CHECKPOINT_ATTR].startswith(f"{spec.root}/tune/trial-{trial.number:04d}/")
+        assert row[CHECKPOINT_ATTR] == (trial.user_attrs[CHECKPOINT_ATTR] if trial == study.best_trial else None)
+
+
+def test_only_the_best_trials_checkpoints_are_kept_the_finished_others_are_deleted(finished):
+    spec, study, _ = finished
+    kept = sorted(str(p) for p in Path(spec.root, "tune").glob("trial-*/checkpoint_*"))
+    assert kept == [study.best_trial.user_attrs[CHECKPOINT_ATTR]]
+    assert len(list(Path(spec.root, "tune").glob("trial-*/result.json"))) == 4  # the rest of Tune's record stays
 
 
 def test_the_best_trials_final_checkpoint_is_an_artifact_of_its_run(finished, tmp_path):
@@ -138,6 +163,44 @@ def test_status_prints_every_trial_with_its_run(finished, capsys):
     for trial in study.trials:
         assert trial.user_attrs[RUN_ATTR] in out
     assert out.count("\n*") == 1  # the best, marked
+    assert out.endswith("\nnot running\n")  # its driver gave its lease back
+
+
+def test_the_experiment_opens_as_model_training_with_its_trials_cra_throughput_and_swept_params(finished):
+    spec, study, _ = finished
+    client = mlflow.MlflowClient(spec.mlflow_uri)
+    experiment = client.get_experiment_by_name(spec.name)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.lipscale"])
+    assert view == {
+        "selectedColumns": ["metrics.`eval/cra_36`", "metrics.`eval/clean_acc`", "metrics.`perf/train_samples_per_s`",
+                            "metrics.`model/params`", "params.`model.width`", "params.`model.depth`",
+                            "params.`optim.lr`"],
+        "orderByKey": "metrics.`eval/cra_36`",
+        "orderByAsc": False,
+    }  # fmt: skip
+    # Every column is one the runs have: the trials' metrics and params, the parent's summary.
+    runs = child_runs(spec, study.user_attrs[PARENT_ATTR])
+    columns = {f"metrics.`{k}`" for r in runs for k in r.data.metrics} | {f"params.`{k}`" for r in runs for k in r.data.params}
+    assert set(view["selectedColumns"]) <= columns
+    parent = client.get_run(study.user_attrs[PARENT_ATTR]).data.metrics
+    assert {k: parent[k] for k in CONTRACT} == {k: study.best_trial.user_attrs[METRICS_ATTR][k] for k in CONTRACT}
+    assert Tracking(spec).view_url("http://127.0.0.1:5000") == (
+        f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+        "?workflowType=machine_learning&viewStateShareKey=lipscale"
+    )
+
+
+def test_optuna_dashboard_names_the_objective(finished):
+    _, study, _ = finished
+    assert study.metric_names == ["eval/cra_36"]
+
+
+def test_the_study_log_carries_no_repeated_ray_tune_warning(finished):
+    # Each trial checkpoints every epoch and keeps 2: Tune snapshots the experiment after every
+    # second checkpoint of a trial and warned each time two snapshots came within 5 s.
+    assert not [w for w in TUNE_WARNINGS if "snapshotting has been triggered multiple times" in w]
+    assert len(set(TUNE_WARNINGS)) == len(TUNE_WARNINGS), TUNE_WARNINGS
 
 
 def test_running_a_finished_study_again_changes_nothing(finished):
@@ -149,7 +212,7 @@ def test_running_a_finished_study_again_changes_nothing(finished):
     assert results.read(spec.root).to_pylist() == before
 
 
-def test_continuing_with_another_search_space_is_refused(finished):
+def test_continuing_with_another_search_space_is_refused_naming_only_what_changed(finished):
     spec, _, _ = finished
     raw = four_trial_spec(spec.root)
     raw["space"]["model.width"] = [32, 64, 128]
@@ -212,6 +275,28 @@ def test_a_trial_orphaned_by_a_dead_driver_is_rerun_with_its_params_and_run(loca
     assert study.trials[0].user_attrs[REQUEUED_ATTR] == retry.number
     assert len(child_runs(spec, study.user_attrs[PARENT_ATTR])) == spec.budget.trials
     assert [row["trial"] for row in results.read(spec.root).to_pylist()] == [1, 2]
+
+
+def test_a_trial_whose_end_did_not_reach_the_optuna_storage_is_told_when_the_run_ends(local_ray, tmp_path, monkeypatch):
+    # Ray's OptunaSearch logged a failed tell and counted the trial done: RUNNING in Optuna for good, its row lost.
+    spec = parse_spec(small(tmp_path / "root"))
+    tell, failed = Store.tell, []
+
+    def the_first_tell_fails(self, number, result, error=False):
+        if not failed:
+            failed.append(number)
+            raise optuna.exceptions.StorageInternalError("the storage did not answer")
+        tell(self, number, result, error)
+
+    monkeypatch.setattr(Store, "tell", the_first_tell_fails)
+    study = run(spec)
+
+    (number,) = failed
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    told = study.trials[number]
+    assert told.value == told.user_attrs[METRICS_ATTR]["eval/cra_36"]  # from Ray Tune's last result of it
+    assert mlflow.MlflowClient(spec.mlflow_uri).get_run(told.user_attrs[RUN_ATTR]).info.status == "FINISHED"
+    assert sorted(row["trial"] for row in results.read(spec.root).to_pylist()) == [0, 1]
 
 
 def test_a_trial_stopped_early_by_the_scheduler_is_pruned(tmp_path):

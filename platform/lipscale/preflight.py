@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 from lipscale import design, uris
-from lipscale.data.catalog import GENERATED
+from lipscale.data.catalog import GENERATED, convert_command
 from lipscale.spec import Spec, SpecError
 
 
@@ -94,8 +94,9 @@ def _check_tracking_login(url: str) -> str | None:
 
 
 def _check_data(spec: Spec) -> list[tuple[str, str]]:
-    """The data exists (unless the study generates it), its images and classes fit the model,
-    and an IsoFLOP design's budgets each take 3 sizes over its train split."""
+    """The data exists (unless the study generates it: digits or shapes without a uri), its
+    images and classes fit the model, and an IsoFLOP design's budgets each take 3 sizes over
+    its train split."""
     from lipnext.data import open_dataset
     from lipscale.data.convert import plan
 
@@ -103,8 +104,9 @@ def _check_data(spec: Spec) -> list[tuple[str, str]]:
         manifest = open_dataset(spec.data_uri).manifest
         shape, classes, train = tuple(manifest.shape), len(manifest.classes), manifest.count("train")
     except Exception as e:  # DataError, OSError, fsspec's ValueError for an unknown protocol, botocore's own
-        if spec.dataset.name not in GENERATED:
-            return [("dataset.uri", f"no converted dataset at {spec.data_uri}: {e}")]
+        if spec.dataset.uri is not None or spec.dataset.name not in GENERATED:  # named, so it must be there
+            command = convert_command(spec.dataset.name, spec.data_uri)
+            return [("dataset.uri", f"no converted dataset at {spec.data_uri}: {e}; convert it there: `{command}`")]
         generated = plan(spec.dataset.name, **spec.dataset.options)
         shape, classes, train = generated.shape, len(generated.classes), sum(p.count for p in generated.splits["train"])
     if problem := spec.base_model().data_mismatch(shape, classes):

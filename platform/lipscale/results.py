@@ -2,8 +2,9 @@
 the results table (`<root>/results.parquet`) and `lipscale status`.
 
 One row per finished trial: number, state, every searched param, the final
-metrics of its last report, the objective value(s), its MLflow run and
-checkpoint, and its times. A trial orphaned by a killed driver and re-run
+metrics of its last report, the objective value(s), its MLflow run, its
+checkpoint (the best trials': the others' are deleted, lipscale.callbacks),
+and its times. A trial orphaned by a killed driver and re-run
 under a new number (`REQUEUED`) is left out: its row is its retry's.
 """
 
@@ -32,7 +33,7 @@ def _objective_columns(study: optuna.Study) -> list[str]:
 
 
 def rows(study: optuna.Study) -> list[dict]:
-    out = []
+    out, best = [], {t.number for t in best_trials(study)}
     for t in finished_trials(study):
         row = {"trial": t.number, "state": t.state.name}
         row |= t.params
@@ -42,7 +43,7 @@ def rows(study: optuna.Study) -> list[dict]:
         row |= {
             FAIL_REASON_ATTR: t.user_attrs.get(FAIL_REASON_ATTR),
             RUN_ATTR: t.user_attrs.get(RUN_ATTR),
-            CHECKPOINT_ATTR: t.user_attrs.get(CHECKPOINT_ATTR),
+            CHECKPOINT_ATTR: t.user_attrs.get(CHECKPOINT_ATTR) if t.number in best else None,  # the others' are deleted
             "started": t.datetime_start,
             "completed": t.datetime_complete,
             "duration_s": (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_start else None,
@@ -75,6 +76,12 @@ def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return []
     return study.best_trials if len(study.directions) > 1 else [study.best_trial]
+
+
+def best_metrics(study: optuna.Study) -> dict:
+    """The final metrics of the best trial (the first of a Pareto front's); none before one completes."""
+    best = best_trials(study)
+    return best[0].user_attrs.get(METRICS_ATTR, {}) if best else {}
 
 
 def _cell(value) -> str:

@@ -7,27 +7,29 @@ the Tune trial's config, the run id into the Optuna trial. A grid design's
 trials are queued in that storage (lipscale.design), and handed out first.
 """
 
+import logging
+
 import optuna
-from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from lipnext.metrics import EPOCH, STOPPED, is_metric
+from lipnext.metrics import EPOCH
 from lipscale import design
-from lipscale.keys import FAIL_REASON_ATTR, METRICS_ATTR, NUMBER_KEY, PARAMS_KEY, RUN_ATTR, TRIAL_KEY
+from lipscale.keys import NUMBER_KEY, PARAMS_KEY, RUN_ATTR, TRIAL_KEY
 from lipscale.spec import Spec
 from lipscale.store import Store, distributions
 from lipscale.tracking import Tracking
+
+log = logging.getLogger("lipscale.search")
 
 
 class StudySearch(OptunaSearch):
     """OptunaSearch over the study's persistent storage that links each trial it asks for to
     its MLflow child run. Also: a report without the objective (not an eval epoch) is skipped,
-    a finished trial's last metrics go into its user attrs before it is told (Optuna refuses
-    changes after), one stopped early by the scheduler is told PRUNED, not COMPLETE, with its
-    last evaluated objective as its value (the one its results row shows), and one that
-    diverged is told FAIL with the reason in its user attrs."""
+    and a finished trial is told by the study's store (`Store.tell`: PRUNED when the scheduler
+    stopped it, with its last evaluated objective as its value, the one its results row shows;
+    FAIL with the reason when it stopped itself; its last metrics in its user attrs)."""
 
     def __init__(
         self, spec: Spec, store: Store, tracking: Tracking, parent_run: str, seed: int,
@@ -65,25 +67,24 @@ class StudySearch(OptunaSearch):
         self._ot_study.sampler = optuna.samplers.TPESampler(seed=self.spec.seed + len(self._ot_study.trials))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # Ray's OptunaSearch logs a failed tell as a warning and counts the trial done, leaving it
+        # RUNNING in Optuna for good. Here the storage waits out an outage (lipscale.store); a tell
+        # that fails even so is logged, and `reconcile` tells it from Ray Tune's experiment state
+        # once the study's run ends, or on the next. Not raised: Tune would take the trial for
+        # failed and retry it, or tell it FAIL.
         if trial_id in self._completed_trials:
             return
-        ot_trial = self._ot_trials[trial_id]
-        if result:
-            metrics = {k: v for k, v in result.items() if is_metric(k) or k == EPOCH}
-            self.store.set_trial_attrs(ot_trial.number, {METRICS_ATTR: metrics})
-        if reason := next((result[k] for k in STOPPED if k in result), None) if result else None:
-            self.store.set_trial_attrs(ot_trial.number, {FAIL_REASON_ATTR: reason})
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
+        number = self._ot_trials[trial_id].number
+        try:
+            if result and not error and self.store.stopped_early(number, result):
+                # Tune does not pass the result that made the scheduler stop a trial to on_trial_result,
+                # so Optuna's last intermediate value (its PRUNED value) would be the evaluation before.
+                self.on_trial_result(trial_id, result)
+            self.store.tell(number, result, error)
+        except Exception:
+            log.exception("trial %d: its end could not be told to the Optuna storage; told when the run ends", number)
+        finally:
             self._completed_trials.add(trial_id)
-            return
-        if result and not error and result.get(EPOCH, 0) < self.spec.train_config(ot_trial.params).epochs:
-            # Tune does not pass the result that made the scheduler stop a trial to on_trial_result,
-            # so Optuna's last intermediate value (its PRUNED value) would be the evaluation before.
-            self.on_trial_result(trial_id, result)
-            self._ot_study.tell(ot_trial, state=TrialState.PRUNED, skip_if_finished=True)
-            self._completed_trials.add(trial_id)
-            return
-        super().on_trial_complete(trial_id, result, error)
 
 
 def scheduler(spec: Spec) -> TrialScheduler:

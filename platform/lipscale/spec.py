@@ -45,7 +45,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from lipnext.config import LipNeXtConfig, preset
 from lipnext.train_config import TrainConfig
 from lipscale import design, uris
-from lipscale.data.catalog import GENERATED
+from lipscale.data.catalog import GENERATED, convert_command
 from lipscale.data.shapes import ShapesConfig
 from lipscale.sections import (
     RUNNER_OWNED, Budget, Dataset, Design, Fixed, Objective, Scheduler, SearchDesign, Space, Storage, Strict,
@@ -56,6 +56,9 @@ STORE_SCHEMES = {"optuna": ("sqlite", "postgresql", "mysql"),
                  "mlflow": ("sqlite", "http", "https", "postgresql", "mysql", "databricks", "file")}  # fmt: skip
 """Schemes each store may be given as (a driver may follow the scheme: postgresql+psycopg)."""
 GIB = 2**30
+RAY_PACKAGE = "/_ray_pkg_"
+"""In the working directory of a Ray job submitted with --working-dir: Ray's unpacked copy of it,
+under the session's runtime_resources/working_dir_files/."""
 
 
 class SpecError(ValueError):
@@ -92,6 +95,12 @@ class Spec(Strict):
         # Ray Tune runs every trial in a working directory of its own: a
         # relative root is resolved here, once, before the spec travels to them.
         root = self.storage.root or f"runs/{self.name}"
+        if not uris.protocol(root) and not os.path.isabs(root) and RAY_PACKAGE in os.getcwd():
+            raise ValueError(
+                f"storage.root: {root!r} is relative, and this study runs as a Ray job in Ray's temporary copy of "
+                f"its working directory ({os.getcwd()}), deleted with the job: give the study a lasting root, "
+                "an absolute path or an s3:// URI, with --root or storage.root"
+            )
         self.storage.root = root if uris.protocol(root) else os.path.abspath(root)
         return self
 
@@ -174,20 +183,15 @@ class Spec(Strict):
     def _raw(self) -> dict:
         return self.model_dump(by_alias=True, exclude_none=True, exclude=RUNNER_OWNED)
 
-    def with_root(self, root: str) -> "Spec":
-        """This spec with another study root (the default stores follow it)."""
-        raw = self._raw()
-        raw["storage"]["root"] = root
-        return parse_spec(raw, "--root")
-
-    def smoke_test(self) -> "Spec":
+    def smoke_test(self, root: str | None = None) -> "Spec":
         """Two one-epoch trials of this spec on one CPU worker each, as study <name>-smoke: seconds.
-        A grid design's smoke test is a ladder of its first two sizes at its sweep's first point."""
+        A grid design's smoke test is a ladder of its first two sizes at its sweep's first point.
+        Its root is `root` (--root) as given, else this spec's with -smoke."""
         changes = dict(max_concurrent=2, epochs=1, workers_per_trial=1, gpus_per_worker=0)
         raw = self._raw()
         raw["name"] = f"{self.name}-smoke"
-        if self.storage.root:
-            raw["storage"]["root"] = f"{self.storage.root.rstrip('/')}-smoke"
+        if root or self.storage.root:
+            raw["storage"]["root"] = root or f"{self.storage.root.rstrip('/')}-smoke"
         raw["budget"] = {**raw["budget"], **changes, "memory_per_worker_gib": None}
         raw["fixed"]["device"] = "cpu"
         if self.design.kind in design.GRID:
@@ -220,7 +224,7 @@ class Spec(Strict):
         name, options = self.dataset.name, self.dataset.options
         if name not in GENERATED and self.dataset.uri is None:
             raise ValueError(
-                f"dataset.uri: required for {name!r} (convert it first: `lipscale data convert {name} SOURCE DEST`); "
+                f"dataset.uri: required for {name!r} (convert it first: `{convert_command(name, 'DEST')}`); "
                 f"only {' and '.join(GENERATED)} are converted by the study"
             )
         if name == "shapes":
@@ -427,9 +431,11 @@ def parse_spec(raw: Any, source: str = "spec") -> Spec:
         raise SpecError(f"{source}: {_format(e)}") from None
 
 
-def load_spec(path: str | os.PathLike) -> Spec:
+def load_spec(path: str | os.PathLike, root: str | None = None) -> Spec:
     """Reads and validates a spec file; raises SpecError naming the field. Touches nothing else.
-    A spec that names no MLflow store takes MLFLOW_TRACKING_URI's, as MLflow's own clients do."""
+    A spec that names no MLflow store takes MLFLOW_TRACKING_URI's, as MLflow's own clients do.
+    `root` (--root) replaces storage.root before the spec is validated, the default stores
+    following it: a relative root the spec gives may be refused where this runs (a Ray job)."""
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -437,6 +443,8 @@ def load_spec(path: str | os.PathLike) -> Spec:
     tracking = os.environ.get("MLFLOW_TRACKING_URI")
     if tracking and isinstance(raw, dict) and isinstance(raw.get("storage", {}), dict):
         raw["storage"] = {"mlflow": tracking, **raw.get("storage", {})}  # the spec's own wins
+    if root is not None and isinstance(raw, dict):
+        raw["storage"] = {**(raw.get("storage") or {}), "root": root}
     return parse_spec(raw, str(path))
 
 

@@ -1,23 +1,34 @@
 """The study's Optuna store, the source of truth for which trials exist: the study
 (a new one records the spec's identity, everything that changes its results; a
 continued one must match it), the user attrs the platform sets on its trials,
-and `reconcile` after a dead driver.
+how a trial's end is told, and `reconcile` after a dead driver or a storage outage.
 
 We hold our own handle on the storage, an RDBStorage (optuna.Study keeps its
 own private): picklable, so Ray Tune saves and restores what holds it with the
-experiment.
+experiment. On a database server it waits out an outage (lipscale.retry), as
+the MLflow calls do: without that, a PostgreSQL restart mid-study failed
+whatever the driver asked of Optuna at that moment, and Ray's OptunaSearch
+logs a failed `tell` as a warning only, leaving the trial RUNNING, its row lost.
 """
 
+import functools
+import inspect
 import json
 import logging
+import threading
+import warnings
 from dataclasses import dataclass
 
 import optuna
+import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from lipscale import uris
-from lipscale.keys import IDENTITY_ATTR, OBJECTIVE_ATTR, REQUEUED_ATTR, RETRY_OF_ATTR, RUN_ATTR
+from lipnext.metrics import EPOCH, STOPPED, is_metric
+from lipscale import retry, uris
+from lipscale.keys import (
+    FAIL_REASON_ATTR, IDENTITY_ATTR, METRICS_ATTR, OBJECTIVE_ATTR, REQUEUED_ATTR, RETRY_OF_ATTR, RUN_ATTR,
+)  # fmt: skip
 from lipscale.space import is_int
 from lipscale.sections import RUNNER_OWNED
 from lipscale.spec import Spec, SpecError
@@ -70,29 +81,127 @@ def changes(began: dict, now: dict) -> dict[str, tuple]:
     return {k: (before.get(k), after.get(k)) for k in dict.fromkeys([*before, *after]) if before.get(k) != after.get(k)}
 
 
+# --- our handle on the storage -------------------------------------------------------------------
+
+
+def _unanswered(error: Exception) -> bool:
+    """A database server that did not answer: a connection refused or cut (SQLAlchemy's
+    OperationalError or InterfaceError, which Optuna wraps in StorageInternalError)."""
+    while error is not None:
+        if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+_outermost = threading.local()
+
+
+def _waits_out_outages(method):
+    """`method` retried while the server does not answer; only the outermost call of a thread
+    retries (Optuna's calls call each other: nested retries would multiply the wait)."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if not self.server or getattr(_outermost, "inside", False):
+            return method(self, *args, **kwargs)
+        _outermost.inside = True
+        try:
+            return retry.retried(lambda: method(self, *args, **kwargs), _unanswered, "the Optuna storage")
+        finally:
+            _outermost.inside = False
+
+    return call
+
+
+class Storage(optuna.storages.RDBStorage):
+    """The study's RDBStorage. On a database server (not SQLite, whose errors are the disk's),
+    every call waits out the server's outage, and a pooled connection is checked before use
+    (pool_pre_ping: a restarted server has closed them all). A call is retried whole, in a
+    new transaction; one whose commit reached the server but whose answer was lost is made
+    twice: harmless for attrs, skipped for a finished trial's tell (`Store.tell`)."""
+
+    def __init__(self, url: str, **kwargs):
+        self.server = uris.scheme(url) != "sqlite"
+        super().__init__(url, engine_kwargs={"pool_pre_ping": True} if self.server else None, **kwargs)
+
+
+# Every method, private ones too: the study's _CachedStorage calls _get_trials, _create_new_trial and
+# others of ours directly, and a PostgreSQL restart stopped the driver in _get_trials. A method that
+# runs inside another (a ..._without_commit helper) is not retried on its own (_waits_out_outages).
+for _name, _method in vars(optuna.storages.RDBStorage).items():
+    if inspect.isfunction(_method) and not _name.startswith("__"):
+        setattr(Storage, _name, _waits_out_outages(_method))
+
+
+# --- the study ------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Store:
     """A study and our handle on its storage (`open_store`)."""
 
-    storage: optuna.storages.RDBStorage
+    spec: Spec
+    storage: Storage
     study: optuna.Study
+
+    def _trial_id(self, number: int) -> int:
+        study_id = self.storage.get_study_id_from_name(self.study.study_name)
+        return self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+
+    def trial(self, number: int) -> FrozenTrial:
+        """Trial `number` as the storage has it now (the study's own list is a cached copy)."""
+        return self.storage.get_trial(self._trial_id(number))
+
+    def stopped_early(self, number: int, result: dict) -> bool:
+        """Whether a trial's last report came before its own epochs (the budget's, or an
+        IsoFLOP point's): the scheduler stopped it."""
+        return result.get(EPOCH, 0) < self.spec.train_config(self.trial(number).params).epochs
 
     def set_trial_attrs(self, number: int, attrs: dict) -> None:
         """User attrs on a trial the caller holds no Trial object of, unless it has finished
         (Optuna refuses changes then; a trial Tune resumed after its end reports again)."""
-        study_id = self.storage.get_study_id_from_name(self.study.study_name)
-        trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        trial_id = self._trial_id(number)
         if self.storage.get_trial(trial_id).state.is_finished():
             return
         for key, value in attrs.items():
             self.storage.set_trial_user_attr(trial_id, key, value)
 
-    def reconcile(self, resumed: set[int]) -> None:
-        """Optuna trials left RUNNING by a dead driver that Tune will not resume (not in
-        `resumed`): marked FAIL, their params queued again with their MLflow run."""
-        study = self.study
+    def tell(self, number: int, result: dict | None, error: bool = False) -> None:
+        """Tells Optuna how trial `number` ended, from its last report: its metrics into its user
+        attrs first (Optuna refuses changes after); FAIL with the reason if the trial stopped itself
+        (lipnext.metrics.STOPPED: it diverged, or its certificate failed the audit), PRUNED if it
+        ended before its epochs (`stopped_early`), else COMPLETE with the
+        objective(s), or FAIL after an error without them. A finished trial is left as it is."""
+        attrs = {METRICS_ATTR: {k: v for k, v in result.items() if is_metric(k) or k == EPOCH}} if result else {}
+        values = [result.get(o.metric) for o in self.spec.objective] if result else [None]
+        if reason := next((result[k] for k in STOPPED if k in result), None) if result else None:
+            state, values, attrs[FAIL_REASON_ATTR] = TrialState.FAIL, None, reason
+        elif result and not error and self.stopped_early(number, result):
+            state, values = TrialState.PRUNED, None
+        elif None in values:  # Ray's OptunaSearch told a list with a None in it: refused, left RUNNING
+            state, values = TrialState.FAIL if error else TrialState.PRUNED, None
+        else:
+            state = TrialState.COMPLETE
+        self.set_trial_attrs(number, attrs)
+        self.study.tell(number, values, state=state, skip_if_finished=True)
+
+    def reconcile(self, tune_trials: dict[int, tuple[str, dict | None]]) -> list[optuna.trial.FrozenTrial]:
+        """Optuna trials left RUNNING, against Ray Tune's experiment state (`tune_trials`: Optuna
+        number -> Tune's status and last result). One Tune finished is told from its last result:
+        its tell failed (a storage outage longer than the retries) or never came (the driver died
+        between the two); Tune's state is the record of how it ended, written to the study root
+        whatever the Optuna storage did, and Tune will not run it again. One Tune will resume is
+        left to it. One Tune never held (the driver died after Optuna handed it out) is marked
+        FAIL and its params queued again with its MLflow run. Returns the trials told."""
+        study, told = self.study, []
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.number in resumed:
+            if t.number in tune_trials:
+                status, result = tune_trials[t.number]
+                if status in ("TERMINATED", "ERROR"):
+                    self.tell(t.number, result, error=status == "ERROR")
+                    told.append(study.trials[t.number])
+                    log.info("trial %d ended in Ray Tune as %s but Optuna had it RUNNING: told", t.number, status)
                 continue
             attrs = {RETRY_OF_ATTR: t.number}
             if RUN_ATTR in t.user_attrs:
@@ -101,17 +210,19 @@ class Store:
             study.tell(t.number, state=TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs=attrs)
             log.info("trial %d was orphaned by a stopped driver: queued again", t.number)
+        return told
 
 
 def open_store(spec: Spec, *, create: bool) -> Store:
-    """The spec's Optuna study. A new one records the spec's identity; an existing one
-    must match it. With create=False, a missing study is an error and nothing is created."""
+    """The spec's Optuna study. A new one records the spec's identity and names its objectives
+    (optuna-dashboard shows "Objective 0" otherwise); an existing one must match the identity.
+    With create=False, a missing study is an error and nothing is created."""
     url = spec.optuna_url
     if (db := uris.sqlite_path(url)) is not None:
         if not create and not db.exists():
             raise SpecError(f"storage.optuna: no study {spec.name!r} to continue: {uris.redact(url)} does not exist")
         db.parent.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(url)
+    storage = Storage(url)
     exists = spec.name in optuna.get_all_study_names(storage)
     if not exists and not create:
         raise SpecError(f"name: no study {spec.name!r} in {uris.redact(url)} to continue")
@@ -129,8 +240,10 @@ def open_store(spec: Spec, *, create: bool) -> Store:
                 f"{', '.join(changed)}: changed since study {spec.name!r} began ({fields}); its trials were trained "
                 "otherwise: continue it with the spec it began with, or give the new one another name"
             )
-        return Store(storage, study)
+        return Store(spec, storage, study)
     study = optuna.create_study(storage=storage, study_name=spec.name, directions=spec.directions, load_if_exists=True)
     study.set_user_attr(IDENTITY_ATTR, wanted)
     study.set_user_attr(OBJECTIVE_ATTR, json.dumps(wanted["objective"], sort_keys=True))
-    return Store(storage, study)
+    with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):  # since 3.2
+        study.set_metric_names([o.metric for o in spec.objective])
+    return Store(spec, storage, study)

@@ -31,27 +31,38 @@ from ray import tune
 
 from lipnext.data import DataError, open_dataset
 from lipscale import design, results, uris
-from lipscale.callbacks import Bookkeeping
-from lipscale.keys import BEST_TRIALS_TAG, CHECKPOINT_ATTR, NUMBER_KEY, RUN_ATTR, TRIAL_KEY, trial_name
+from lipscale.callbacks import Bookkeeping, ReportNotLogged
+from lipscale.keys import (
+    BEST_TRIALS_TAG, CHECKPOINT_ATTR, FAIL_REASON_ATTR, NUMBER_KEY, RUN_ATTR, TRIAL_KEY, trial_name,
+)  # fmt: skip
+from lipscale.lease import Lease, holder
 from lipscale.preflight import check_storage
 from lipscale.search import StudySearch, scheduler
 from lipscale.data.catalog import GENERATED
 from lipscale.spec import Spec, SpecError, load_spec
 from lipscale.store import Store, open_store
 from lipscale.tracking import Tracking
-from lipscale.trial import COORDINATOR_CPUS, in_process, storage_full, trainable
+from lipscale.trial import COORDINATOR_CPUS, caused_by, in_process, storage_full, trainable
 
 log = logging.getLogger("lipscale.study")
 TUNE_DIR = "tune"
 """Ray Tune's experiment under the study root."""
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where `mlflow ui` (and dashboards/mlflow_ui.sh) serves by default."""
 
 
 def run(spec: Spec, *, resume: bool = False) -> optuna.Study:
-    """Runs (or continues) the study to its budget; returns the Optuna study."""
+    """Runs (or continues) the study to its budget; returns the Optuna study. Refuses
+    (StudyBusy) while another driver runs it."""
     check_storage(spec)
     if not ray.is_initialized():
         check_ray_address(os.environ.get("RAY_ADDRESS"))
     store = open_store(spec, create=not resume)
+    with Lease(store.storage.engine, spec.name):
+        return _run(spec, store)
+
+
+def _run(spec: Spec, store: Store) -> optuna.Study:
     if (root := uris.local_path(spec.root)) is not None:
         root.mkdir(parents=True, exist_ok=True)
     if (db := uris.sqlite_path(spec.mlflow_uri)) is not None:
@@ -73,18 +84,26 @@ def run(spec: Spec, *, resume: bool = False) -> optuna.Study:
         if storage_full(e) is None:  # on a full disk, the parent run's store may be full too
             tracking.end(parent_run, "KILLED")
         raise
+    _reconcile(spec, store, tracking)  # a tell that failed during the run, told now
     _finish(spec, store.study, tracking, parent_run)
     return store.study
 
 
 def _tuner(spec: Spec, store: Store, tracking: Tracking, parent_run: str) -> tune.Tuner | None:
-    experiment = f"{spec.root}/{TUNE_DIR}"
+    # Ray Tune snapshots the experiment whenever a trial has written num_to_keep checkpoints since
+    # the last snapshot (so that a resume never points at a checkpoint it deleted), and warns each
+    # time two snapshots come within 5 s: with the default study's keep 1 and two trials
+    # checkpointing every few seconds, 41 warnings in one log. On a local root a snapshot is a
+    # write of ~90 kB of experiment state (the default study: 0.08 s median, 0.7 s at most on 2
+    # busy cores, against trials of up to 2 minutes): the warning is for cloud storage, where each
+    # is an upload, and stays on there.
+    if uris.local_path(spec.root) is not None:
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     points = design.points(spec, open_dataset(spec.data_uri).manifest.count("train"))
-    if tune.Tuner.can_restore(experiment):
-        store.reconcile(_resumed_numbers(experiment))
+    experiment = _reconcile(spec, store, tracking)
+    if experiment is not None:
         log.info("continuing study %s from %s", spec.name, experiment)
         return tune.Tuner.restore(experiment, trainable(spec), resume_unfinished=True, resume_errored=False)
-    store.reconcile(set())
     if points and (queued := design.queue_points(store.study, points)):
         log.info("study %s: %d of its %d %s trials queued", spec.name, queued, len(points), spec.design.kind)
     trials = len(points) if points else spec.budget.trials
@@ -121,16 +140,27 @@ def _trial_name(trial) -> str:
     return trial_name(trial.config[TRIAL_KEY][NUMBER_KEY])
 
 
-def _resumed_numbers(experiment: str) -> set[int]:
-    """Optuna numbers of the trials in Tune's experiment state (what Tuner.restore resumes)."""
+def _reconcile(spec: Spec, store: Store, tracking: Tracking) -> str | None:
+    """`Store.reconcile` against Ray Tune's experiment state; the trials it tells get their MLflow
+    runs closed and their rows. Returns the experiment to restore, if there is one."""
+    experiment = f"{spec.root}/{TUNE_DIR}"
+    if not tune.Tuner.can_restore(experiment):
+        store.reconcile({})
+        return None
     analysis = tune.ExperimentAnalysis(experiment)
-    return {t.config[TRIAL_KEY][NUMBER_KEY] for t in analysis.trials}
+    told = store.reconcile({t.config[TRIAL_KEY][NUMBER_KEY]: (t.status, t.last_result) for t in analysis.trials})
+    for t in told:
+        tracking.finish(t.user_attrs[RUN_ATTR], t.state.name, t.user_attrs.get(FAIL_REASON_ATTR))
+    if told:
+        results.write(store.study, spec.root)
+    return experiment
 
 
 def ensure_data(spec: Spec) -> None:
-    """Converts a generated dataset (digits, shapes: offline, once) where the spec's data should be."""
+    """Converts a generated dataset (digits, shapes: offline, once) under the root when the spec
+    names no uri: a uri it names must hold the data (lipscale.preflight)."""
     name = spec.dataset.name
-    if name not in GENERATED:
+    if name not in GENERATED or spec.dataset.uri is not None:
         return
     try:
         open_dataset(spec.data_uri)
@@ -169,6 +199,7 @@ def _warn_if_a_trial_does_not_fit(spec: Spec) -> None:
 
 def _finish(spec: Spec, study: optuna.Study, tracking: Tracking, parent_run: str) -> None:
     results.write(study, spec.root)
+    tracking.log_summary(parent_run, results.best_metrics(study))
     best = results.best_trials(study)
     for t in best:
         if CHECKPOINT_ATTR in t.user_attrs:
@@ -181,10 +212,8 @@ def _finish(spec: Spec, study: optuna.Study, tracking: Tracking, parent_run: str
 
 
 def _load(args) -> Spec:
-    spec = load_spec(args.spec)
-    if args.smoke_test:
-        spec = spec.smoke_test()
-    return spec.with_root(args.root) if args.root else spec
+    spec = load_spec(args.spec, args.root)
+    return spec.smoke_test(args.root) if args.smoke_test else spec
 
 
 def run_command(args) -> int:
@@ -197,6 +226,9 @@ def run_command(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        if (lost := caused_by(e, lambda c: isinstance(c, ReportNotLogged))) is not None:
+            print(f"error: {lost}", file=sys.stderr)
+            return 1
         if (full := storage_full(e)) is None:
             raise
         print(
@@ -206,20 +238,41 @@ def run_command(args) -> int:
         return 1
     print(results.status_table(study))
     print(f"\n{time.perf_counter() - start:.0f} s; results: {spec.root}/results.parquet")
-    uri = uris.redact(spec.mlflow_uri)
-    print(f"MLflow: {uri}" if uris.is_server(uri) else f"MLflow: mlflow ui --backend-store-uri {uri}")
+    uri, tracking = uris.redact(spec.mlflow_uri), Tracking(spec)
+    if uris.is_server(uri):
+        print(f"MLflow: {tracking.view_url(uri)}")
+    else:
+        print(f"MLflow: mlflow ui --backend-store-uri {uri}, then {tracking.view_url(LOCAL_UI)}")
     return 0
 
 
 def status_command(args) -> int:
-    """`lipscale status`."""
+    """`lipscale status`: the trials, and whether a driver is running the study."""
     try:
-        study = open_store(_load(args), create=False).study
+        store = open_store(_load(args), create=False)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(results.status_table(study))
+    print(results.status_table(store.study))
+    print(driver_status(store, args))
     return 0
+
+
+def driver_status(store: Store, args) -> str:
+    """Who runs the study: its driver, or none, and then how trials left RUNNING are resumed."""
+    now, driver = time.time(), holder(store.storage.engine, store.study.study_name)
+    if driver is not None and driver.alive(now):
+        return f"running: its driver is {driver.describe(now)}"
+    last = f" (its last driver, {driver.describe(now)}, is gone)" if driver is not None else ""
+    running = len(store.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+    if not running:
+        return f"not running{last}"
+    command = " ".join(["lipscale resume", args.spec, *(["--root", args.root] if args.root else []),
+                        *(["--smoke-test"] if args.smoke_test else [])])  # fmt: skip
+    return (
+        f"not running{last}: its {running} RUNNING trials stopped with their driver; "
+        f"`{command}` resumes them from their last checkpoints"
+    )
 
 
 def main(argv: list[str] | None = None, default_spec: str | None = None, doc: str | None = None) -> int:

@@ -16,15 +16,24 @@ so every restore would open new runs, and it has no parent runs
 - system metrics sampled in the trial's own process.
 
 A tracking server that goes away loses nothing: each request is retried by
-MLflow itself (7 times, backoff doubling from 2 s: ~2 min), a report is
-retried beyond that until RETRY_FOR_S, and every retry is idempotent. A
-report's metrics keep their timestamp across retries (MLflow keeps one row
-per key, step, timestamp and value), and a run whose creation reached the
-server but whose answer was lost (MLflow then creates it again) is found by
-its tag and the younger twin deleted.
+MLflow itself (7 times, backoff doubling from 2 s: ~2 min), and every call
+the driver makes (a report, a run's creation, tags, its closing) beyond that
+with lipscale.retry's policy; every retry is idempotent. A report's metrics
+keep their timestamp across retries (MLflow keeps one row per key, step,
+timestamp and value), a run whose creation reached the server but whose
+answer was lost (MLflow then creates it again) is found by its tag and the
+younger twin deleted, and so is an experiment.
+
+MLflow 3's UI opens an experiment as a GenAI one (traces, "No data
+available") unless told otherwise: the experiment is tagged a model-training
+one, carries a view of its trials (`view_url`: CRA, throughput and the swept
+params as columns, best first), and the parent run holds the best trial's
+final metrics, so its row shows them before it is expanded.
 """
 
 import contextlib
+import functools
+import json
 import logging
 import tempfile
 import time
@@ -36,19 +45,21 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from lipnext.checkpoint import EXPORT, MODEL
-from lipnext.metrics import EPOCH, TRAIN_LOSS, is_metric
+from lipnext.metrics import CLEAN_ACC, EPOCH, PARAMS, TRAIN_LOSS, TRAIN_SAMPLES_PER_S, cra, is_metric
 from lipnext.train_config import TrainConfig
-from lipscale import uris
+from lipscale import retry, uris
 from lipscale.keys import FAIL_REASON_TAG, PARENT_ATTR, STATE_TAG, STUDY_TAG, TRIAL_TAG, trial_name
 from lipscale.spec import Spec
 
-RETRY_FOR_S = 1800
-"""How long a report waits out a tracking-server outage (a restart by hand or by Kubernetes
-can take minutes), after MLflow's own ~2 min of retries of each request."""
-RETRY_PAUSE_S = 5
 TRANSIENT = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
 """MLflow error codes of a server that did not answer (MLflow reports a refused connection as
 INTERNAL_ERROR) or failed inside; a refused request (INVALID_PARAMETER_VALUE, ...) is not retried."""
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""The experiment tag that MLflow 3 reads to open an experiment as model training, not GenAI."""
+VIEW = "lipscale"
+"""The experiment's shared view of its trials: tag mlflow.sharedViewState.<VIEW>, URL ?viewStateShareKey=<VIEW>."""
+SUMMARY = (cra(36), CLEAN_ACC, TRAIN_SAMPLES_PER_S, PARAMS)
+"""Columns of that view after the objectives, before the swept params."""
 
 log = logging.getLogger("lipscale.tracking")
 
@@ -64,18 +75,26 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _retried(uri: str, write, *args, **kwargs):
-    """write(*args, **kwargs), again every RETRY_PAUSE_S while the tracking server does not answer.
+class RetriedClient:
+    """An MlflowClient whose every call waits out a tracking server's outage (lipscale.retry).
     A local store is not retried: its errors (a full disk) do not pass by themselves."""
-    deadline = time.monotonic() + RETRY_FOR_S
-    while True:
-        try:
-            return write(*args, **kwargs)
-        except MlflowException as e:
-            if not uris.is_server(uri) or e.error_code not in TRANSIENT or time.monotonic() > deadline:
-                raise
-            log.warning("MLflow did not answer, retrying in %d s: %s", RETRY_PAUSE_S, e)
-            time.sleep(RETRY_PAUSE_S)
+
+    def __init__(self, uri: str):
+        self._client, self._server = MlflowClient(uri), uris.is_server(uri)
+
+    def _transient(self, error: Exception) -> bool:
+        return self._server and isinstance(error, MlflowException) and error.error_code in TRANSIENT
+
+    def __getattr__(self, name: str):
+        found = getattr(self._client, name)
+        if not callable(found):
+            return found
+
+        @functools.wraps(found)
+        def call(*args, **kwargs):
+            return retry.retried(lambda: found(*args, **kwargs), self._transient, "MLflow")
+
+        return call
 
 
 class Tracking:
@@ -93,14 +112,19 @@ class Tracking:
         self.__dict__.update(state, _logged={})
 
     @property
-    def client(self) -> MlflowClient:
-        return MlflowClient(self.uri)
+    def client(self) -> RetriedClient:
+        return RetriedClient(self.uri)
 
     def experiment_id(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment)
         if found is not None:
             return found.experiment_id
-        return self.client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+        except MlflowException as e:  # a retried create that the server had done: it exists now
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(self.experiment).experiment_id
 
     def _find(self, tags: dict[str, str]) -> list[str]:
         """Runs with these tags, oldest first."""
@@ -127,9 +151,40 @@ class Tracking:
         run_id = self._get_or_create({STUDY_TAG: spec.name}, spec.name, {})
         self._log_params_once(run_id, flatten(spec.model_dump(by_alias=True, exclude_none=True)))
         self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        self._describe_experiment(spec)
         if study.user_attrs.get(PARENT_ATTR) != run_id:
             study.set_user_attr(PARENT_ATTR, run_id)
         return run_id
+
+    def _describe_experiment(self, spec: Spec) -> None:
+        """Tags the experiment a model-training one with a view of its trials: the objectives,
+        CRA, throughput and size, then every swept param, as columns; best first."""
+        metrics = list(dict.fromkeys([o.metric for o in spec.objective] + list(SUMMARY)))
+        first = spec.objective[0]
+        view = {
+            "selectedColumns": [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in spec.params],
+            "orderByKey": f"metrics.`{first.metric}`",
+            "orderByAsc": first.direction == "minimize",
+        }
+        experiment = self.experiment_id()
+        for key, value in {**EXPERIMENT_KIND, f"mlflow.sharedViewState.{VIEW}": json.dumps(view)}.items():
+            self.client.set_experiment_tag(experiment, key, value)
+
+    def log_summary(self, run_id: str, metrics: dict) -> None:
+        """The best trial's final metrics on the parent run: its row in the runs table shows them."""
+        now = int(time.time() * 1000)
+        rows = [Metric(k, float(v), now, 0) for k, v in metrics.items() if is_metric(k) and isinstance(v, (int, float))]
+        self.client.log_batch(run_id, metrics=rows)
+
+    def view_url(self, ui: str) -> str:
+        """The experiment's page of trials in the MLflow UI at `ui`, as model training (MLflow 3.17
+        takes the kind from the page's workflowType, not from the experiment's tag), in its view;
+        the UI's front page before the study has run."""
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            return ui
+        query = f"workflowType=machine_learning&viewStateShareKey={VIEW}"
+        return f"{ui.rstrip('/')}/#/experiments/{found.experiment_id}/runs?{query}"
 
     # --- a trial's child run ---
 
@@ -150,11 +205,10 @@ class Tracking:
             self.client.log_batch(run_id, params=[Param(k, uris.redact(str(v))) for k, v in params.items()])
 
     def log_result(self, run_id: str, result: dict) -> None:
-        """A trial's report as metrics at step = epoch, unless that epoch is logged already;
-        retried through a server outage."""
+        """A trial's report as metrics at step = epoch, unless that epoch is logged already."""
         epoch = int(result[EPOCH])
         if run_id not in self._logged:
-            history = _retried(self.uri, self.client.get_metric_history, run_id, TRAIN_LOSS)
+            history = self.client.get_metric_history(run_id, TRAIN_LOSS)
             self._logged[run_id] = max((m.step for m in history), default=0)
         if epoch <= self._logged[run_id]:
             return
@@ -164,7 +218,7 @@ class Tracking:
             for k, v in result.items()
             if is_metric(k) and isinstance(v, (int, float))
         ]
-        _retried(self.uri, self.client.log_batch, run_id, metrics=metrics)
+        self.client.log_batch(run_id, metrics=metrics)
         self._logged[run_id] = epoch
 
     def finish(self, run_id: str, state: str, reason: str | None = None) -> None:

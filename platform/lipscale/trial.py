@@ -26,19 +26,25 @@ class StorageFull(Exception):
     """The study's storage is full: the study stops, to continue once space is freed."""
 
 
-def storage_full(error: BaseException | None) -> BaseException | None:
-    """The innermost error, among `error` and those it came from, that says a disk (or an
-    SQLite file on it) is full; None if none does."""
+def caused_by(error: BaseException | None, test) -> BaseException | None:
+    """The innermost error, among `error` and those it came from (Tune wraps what a callback
+    raised), that passes `test`; None if none does."""
     found = None
     while error is not None:
-        if (
-            isinstance(error, StorageFull)  # a trial's report of it, which carries only the message
-            or getattr(error, "errno", None) == errno.ENOSPC
-            or "database or disk is full" in str(error)
-        ):
+        if test(error):
             found = error
         error = error.__cause__ or error.__context__
     return found
+
+
+def storage_full(error: BaseException | None) -> BaseException | None:
+    """The innermost error that says a disk (or an SQLite file on it) is full; None if none does."""
+    return caused_by(
+        error,
+        lambda e: isinstance(e, StorageFull)  # a trial's report of it, which carries only the message
+        or getattr(e, "errno", None) == errno.ENOSPC
+        or "database or disk is full" in str(e),
+    )
 
 
 def in_process(spec: Spec) -> bool:

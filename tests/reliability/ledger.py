@@ -5,7 +5,8 @@ from collections import Counter
 
 import mlflow
 import optuna
-from lipscale import results
+import sqlalchemy
+from lipscale import results, uris
 from lipscale.keys import METRICS_ATTR, PARENT_ATTR, RUN_ATTR, TRIAL_TAG
 
 
@@ -13,6 +14,22 @@ def count(expected, found) -> dict[str, int]:
     """Items of `expected` missing from `found`, and items found more than once."""
     seen = Counter(found)
     return {"lost": len(set(expected) - set(seen)), "duplicated": sum(n - 1 for n in seen.values())}
+
+
+def complete(spec) -> int:
+    """The study's COMPLETE trials so far, read creating nothing (0 while its storage is down): a
+    storage opened the usual way creates the tables, and one made while the driver creates them
+    stops one of the two with "table ... already exists"."""
+    if (db := uris.sqlite_path(spec.optuna_url)) is not None and not db.exists():
+        return 0
+    try:
+        storage = optuna.storages.RDBStorage(spec.optuna_url, skip_table_creation=True, skip_compatibility_check=True)
+        if spec.name not in optuna.get_all_study_names(storage):
+            return 0
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+        return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):  # no tables yet, or no server
+        return 0
 
 
 def study_ledger(spec, trials: int) -> dict[str, dict[str, int]]:

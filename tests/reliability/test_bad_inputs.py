@@ -233,7 +233,7 @@ def test_training_on_a_corrupt_shard(digits, tmp_path, scoreboard):
     [
         (lambda root: (root / "manifest.json").unlink(),
          "dataset.uri: no converted dataset at {uri}: {uri}/manifest.json: missing: no dataset here "
-         "(write one with `lipscale data convert`)"),
+         "(write one with `lipscale data convert`); convert it there: `lipscale data convert NAME SOURCE {uri}`"),
         (lambda root: edit_manifest(root, shape=[1, 16, 16]),
          "fixed.model: mnist holds (1, 16, 16) images of 10 classes; the model takes (1, 8, 8) and 10"),
         (lambda root: edit_manifest(root, classes=[str(k) for k in range(12)]),
@@ -248,6 +248,18 @@ def test_a_study_on_a_bad_dataset(damage, message, digits, tmp_path, capsys, sco
     damage(uri)
     raw = changed(small(tmp_path / "root"), "dataset", {"name": "mnist", "uri": str(uri)})
     assert run_refused(tmp_path, raw, capsys) == message.format(uri=uri) + "\n"
+
+
+def test_digits_named_at_a_uri_that_holds_no_dataset_is_refused_with_the_command_that_converts_it(
+    tmp_path, capsys, scoreboard
+):
+    scoreboard.bad_input("dataset: digits at a uri that holds no dataset (before: converted there, silently)")
+    uri = tmp_path / "nowhere"
+    raw = changed(small(tmp_path / "root"), "dataset", {"name": "digits", "uri": str(uri)})
+    assert run_refused(tmp_path, raw, capsys) == (
+        f"dataset.uri: no converted dataset at {uri}: {uri}/manifest.json: missing: no dataset here (write one with "
+        f"`lipscale data convert`); convert it there: `lipscale data convert digits {uri}`\n"
+    )
 
 
 def test_a_root_in_a_bucket_that_does_not_exist(s3, tmp_path, capsys, scoreboard):

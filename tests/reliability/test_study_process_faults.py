@@ -12,10 +12,9 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-import sqlalchemy
 import yaml
-from ledger import study_ledger
-from lipscale import results, uris
+from ledger import complete, study_ledger
+from lipscale import results
 from lipscale.keys import PARENT_ATTR, REQUEUED_ATTR, RUN_ATTR
 from lipscale.spec import parse_spec
 from servers import kill_session
@@ -24,22 +23,6 @@ from test_study import four_trial_spec
 
 REPO = Path(__file__).parents[2]
 SCRIPT = REPO / "studies" / "scaling_law.py"
-
-
-def _complete(spec) -> int:
-    """The study's COMPLETE trials so far, read creating nothing: a storage opened the usual way
-    creates the tables, and one made while the driver creates them stops one of the two with
-    "table ... already exists"."""
-    if not uris.sqlite_path(spec.optuna_url).exists():
-        return 0
-    storage = optuna.storages.RDBStorage(spec.optuna_url, skip_table_creation=True, skip_compatibility_check=True)
-    try:
-        if spec.name not in optuna.get_all_study_names(storage):
-            return 0
-        study = optuna.load_study(study_name=spec.name, storage=storage)
-        return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-    except sqlalchemy.exc.OperationalError:  # the driver has not created the tables yet
-        return 0
 
 
 def _snapshot(spec) -> dict:
@@ -54,23 +37,34 @@ def _snapshot(spec) -> dict:
     return snapshot
 
 
+def start_driver(tmp_path, raw: dict, name: str = "first") -> tuple[subprocess.Popen, list[str], dict]:
+    """The study `raw` (written to spec.yaml) run as users run it, in a process (and a Ray) of its
+    own, its output in <name>.log: (the process, its command, its environment)."""
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    command = [sys.executable, str(SCRIPT), "--spec", str(tmp_path / "spec.yaml")]
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own, whatever else runs here
+    with open(tmp_path / f"{name}.log", "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return process, command, env
+
+
+def wait_until(condition, process: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    """Returns once condition() holds; fails with the end of the log if the process ends first."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_the_driver_killed_mid_study_then_run_again(tmp_path, scoreboard):
     scoreboard.fault("SIGKILL of the study's driver (studies/scaling_law.py) mid-study, then the same command again")
     raw = four_trial_spec(tmp_path / "root")
     raw["budget"]["epochs"] = 20  # seconds per trial: the kill lands while trials run
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     spec = parse_spec(raw)
-    command = [sys.executable, str(SCRIPT), "--spec", str(tmp_path / "spec.yaml")]
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own, whatever else runs here
-
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first, command, env = start_driver(tmp_path, raw)
     try:
-        deadline = time.monotonic() + 300
-        while _complete(spec) < 1:
-            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.2)
+        wait_until(lambda: complete(spec) >= 1, first, tmp_path / "first.log")
         first.send_signal(signal.SIGKILL)
         first.wait()
     finally:
@@ -86,14 +80,14 @@ def test_the_driver_killed_mid_study_then_run_again(tmp_path, scoreboard):
         kill_session(second)
 
     study = optuna.load_study(study_name=spec.name, storage=spec.optuna_url)
-    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(complete) == 4
+    completed = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(completed) == 4
     others = [t for t in study.trials if t.state != optuna.trial.TrialState.COMPLETE]
     assert all(t.state.name == "FAIL" and REQUEUED_ATTR in t.user_attrs for t in others)
     client = mlflow.MlflowClient(spec.mlflow_uri)
     experiment = client.get_experiment_by_name(spec.name).experiment_id
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{study.user_attrs[PARENT_ATTR]}'")
-    assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs[RUN_ATTR] for t in complete)
+    assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs[RUN_ATTR] for t in completed)
     for run in children:  # every epoch logged once, resumed trials included
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 21))
     after = _snapshot(spec)

@@ -34,3 +34,10 @@ GENERATED = ("digits", "shapes")
 study converts these itself, under its root, on first use."""
 CONVERTERS = (*GENERATED, *CIFAR, *CLASS_FOLDERS)
 """Every converter's name."""
+
+
+def convert_command(name: str, dest: str) -> str:
+    """The command that writes dataset `name` to `dest`."""
+    if name in GENERATED:
+        return f"lipscale data convert {name} {dest}"
+    return f"lipscale data convert {name if name in CONVERTERS else 'NAME'} SOURCE {dest}"

@@ -1,6 +1,5 @@
 """`lipscale fit` and `lipscale report` (their arguments: lipscale.cli)."""
 
-import importlib.util
 import sys
 
 from mlflow.tracking import MlflowClient
@@ -17,13 +16,8 @@ REPORT_DIR = "report"
 
 def report_command(args) -> int:
     """The fits printed; with `report`, also the report's files, logged to the study's MLflow parent run."""
-    if args.command == "report" and importlib.util.find_spec("plotly") is None:
-        print("error: the report's HTML page needs plotly: pip install -e '.[dashboards]'", file=sys.stderr)
-        return 2
     try:
-        spec = load_spec(args.spec)
-        if args.root:
-            spec = spec.with_root(args.root)
+        spec = load_spec(args.spec, args.root)
         trials = load_trials(spec)
     except (SpecError, ReportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -117,14 +117,15 @@ def _eps_panel(f: pd.DataFrame, which: str) -> plots.Panel:
     accuracy = np.stack([column(f, m) for m in ACCURACIES], axis=1)
     eps = list(ACCURACIES.values())
     series = []
-    colors = plots.shades(np.log(column(f, PARAMS)))
-    for (_, row), acc, color in zip(f.iterrows(), accuracy, colors):
+    params = column(f, PARAMS)
+    for (_, row), acc, color in zip(f.iterrows(), accuracy, plots.shades(params)):
         if np.isfinite(acc).any():
             label = _label(row)
-            series.append(plots.Series(label, eps, acc, style="marked", color=color, labels=[label] * len(eps)))
+            series.append(plots.Series(label, eps, acc, style="marked", color=color, labels=[label] * len(eps),
+                                       legend=False))  # fmt: skip
     note = None if series else "no trial reported certified accuracies"
     return plots.Panel(f"accuracy certified at radius eps, {which}", "eps (L2, pixels in [0, 1])", "accuracy", series,
-                       note=note)  # fmt: skip
+                       note=note, colorbar=("parameters", params))  # fmt: skip
 
 
 def shape_panels(trials: Trials) -> list[plots.Panel]:

@@ -4,7 +4,7 @@ self-contained HTML page (hover names every trial). What to draw is
 lipscale.report.figures'; this module only knows how.
 
 matplotlib and plotly are imported when a figure is drawn: `lipscale fit`
-draws none, and plotly is an extra (pip install -e ".[dashboards]").
+draws none.
 """
 
 import html
@@ -36,6 +36,9 @@ class Series:
     color: str = PALETTE[0]
     labels: Sequence[str] | None = None
     """One per point, shown on hover in the HTML."""
+    legend: bool = True
+    """Named in the legend; False for one of many alike lines (30 trials' legend covered the panels),
+    which their panel's colour bar and their hover labels tell apart."""
 
 
 @dataclass(frozen=True)
@@ -48,17 +51,28 @@ class Panel:
     logy: bool = False
     note: str | None = None
     """Written at the foot of the panel (clear of the points above it), e.g. why a metric was not fitted."""
+    colorbar: tuple[str, Sequence[float]] | None = None
+    """(label, values): the series are coloured by these values (`shades`); the PNG draws the scale."""
 
 
-def shades(values: Sequence[float]) -> list[str]:
-    """A colour per value along viridis, lowest darkest; grey where a value is NaN."""
+def _scale(values: Sequence[float]):
+    """The colour scale of `values`: viridis up to its yellow-green (the last tenth is too pale on
+    white), from their lowest (darkest) to their highest, in log space; (colormap, norm)."""
     from matplotlib import colormaps, colors
 
     v = np.asarray(values, dtype=float)
-    finite = v[np.isfinite(v)]
-    lo, span = (finite.min(), np.ptp(finite) or 1.0) if len(finite) else (0.0, 1.0)
-    cmap = colormaps["viridis"]
-    return [colors.to_hex(cmap(0.9 * (x - lo) / span)) if np.isfinite(x) else "#999999" for x in v]
+    finite = v[np.isfinite(v) & (v > 0)]
+    lo, hi = (finite.min(), finite.max()) if len(finite) else (1.0, 1.0)
+    cmap = colors.ListedColormap(colormaps["viridis"](np.linspace(0, 0.9, 256)))
+    return cmap, colors.LogNorm(lo, hi if hi > lo else lo * 10)
+
+
+def shades(values: Sequence[float]) -> list[str]:
+    """A colour per positive value along `_scale`, lowest darkest; grey where a value is NaN."""
+    from matplotlib import colors
+
+    cmap, norm = _scale(values)
+    return [colors.to_hex(cmap(norm(x))) if np.isfinite(x) and x > 0 else "#999999" for x in values]
 
 
 def _grid(count: int, columns: int) -> tuple[int, int]:
@@ -84,6 +98,12 @@ def save_png(panels: list[Panel], path: str, *, title: str, columns: int = 3) ->
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows + 0.5), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         _draw(ax, panel)
+        if panel.colorbar and panel.series:
+            from matplotlib.cm import ScalarMappable
+
+            label, values = panel.colorbar
+            cmap, norm = _scale(values)
+            fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label)
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(title)
@@ -98,14 +118,15 @@ def _draw(ax, panel: Panel) -> None:
             if s.low is not None:
                 # Drawn from low to high, not as +-errors: a percentile interval may leave out its point.
                 ax.vlines(s.x, s.low, s.high, color=s.color, lw=1.5)
-            ax.plot(s.x, s.y, "o", ms=5, color=s.color, label=s.name)
+            ax.plot(s.x, s.y, "o", ms=5, color=s.color, label=s.name if s.legend else None)
             continue
         if s.low is not None:
             ax.fill_between(s.x, s.low, s.high, color=s.color, alpha=0.2, lw=0)
         linestyle = "--" if s.style == "dashed" else "-"
         drawstyle = "steps-post" if s.style == "step" else "default"
         marker = "o" if s.style == "marked" else None
-        ax.plot(s.x, s.y, linestyle=linestyle, drawstyle=drawstyle, marker=marker, ms=4, color=s.color, label=s.name)
+        ax.plot(s.x, s.y, linestyle=linestyle, drawstyle=drawstyle, marker=marker, ms=4, color=s.color,
+                label=s.name if s.legend else None)  # fmt: skip
     ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
     ax.title.set_fontsize(10)
     if panel.logx:
@@ -115,7 +136,7 @@ def _draw(ax, panel: Panel) -> None:
     if panel.note:
         ax.text(0.5, 0.04, "\n".join(textwrap.wrap(panel.note, 48)), transform=ax.transAxes, ha="center",
                 va="bottom", fontsize=8, bbox=dict(facecolor="white", edgecolor="0.7"))  # fmt: skip
-    if panel.series:
+    if any(s.legend for s in panel.series):
         ax.legend(fontsize=7)
     ax.grid(True, which="major", alpha=0.3)
 
@@ -148,7 +169,8 @@ def plotly_figure(panels: list[Panel], *, title: str, columns: int = 3) -> "go.F
         row, col = i // cols + 1, i % cols + 1
         for s in panel.series:
             for trace in _traces(s):
-                trace.update(legendgroup=s.name, showlegend=trace.showlegend is not False and s.name not in shown)
+                shown_here = s.legend and trace.showlegend is not False and s.name not in shown
+                trace.update(legendgroup=s.name, showlegend=shown_here)
                 fig.add_trace(trace, row=row, col=col)
             shown.add(s.name)
         fig.update_xaxes(title_text=panel.xlabel, type="log" if panel.logx else None, row=row, col=col)
@@ -200,7 +222,8 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
         return "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)
 
     body = "\n".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
-    return f"<table>\n<tr>{cells('th', header)}</tr>\n{body}\n</table>"
+    # Scrolled in its own box: a study's columns (every swept param, every metric) outgrow a page.
+    return f"<div class='wide'><table>\n<tr>{cells('th', header)}</tr>\n{body}\n</table></div>"
 
 
 def html_page(title: str, sections: list[tuple[str, "go.Figure | str"]]) -> str:
@@ -218,7 +241,7 @@ def html_page(title: str, sections: list[tuple[str, "go.Figure | str"]]) -> str:
     return (
         f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>\n"
         "<style>body{font-family:sans-serif;margin:2em} pre{background:#f6f6f6;padding:1em;overflow-x:auto}"
-        " table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ccc;padding:3px 8px;"
-        "text-align:right}</style>\n"
+        " .wide{overflow-x:auto;max-width:100%} table{border-collapse:collapse;font-size:13px}"
+        " td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}</style>\n"
         f"</head><body>\n<h1>{html.escape(title)}</h1>\n" + "\n".join(parts) + "\n</body></html>\n"
     )
