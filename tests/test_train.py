@@ -228,15 +228,15 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step():
 
 
 def test_a_diverging_run_stops_at_the_step_whose_loss_is_not_finite(digits_shards):
-    """lr 1e9 (reached at the second step, after one warm-up step): the loss is NaN from
-    the step after, in the first epoch of 15 steps, and the run stops there."""
+    """lr 1e9 behind a one-epoch warm-up (15 steps): the first step, at 1/15 of it, makes
+    the second step's loss NaN (its lr 2/15, 1.33e8), and the run stops there, in epoch 1."""
     config = TrainConfig(
         model=preset("tiny"), optim=OptimConfig(lr=1e9), data=DataConfig(uri=digits_shards, batch_size=100), epochs=2
     )
     session = LocalSession(config.checkpoint)
     with pytest.raises(Diverged) as raised:
         train(config, session)
-    assert str(raised.value) == "train/loss is nan in epoch 1 (step 2, lr 1e+09): the trial diverged"
+    assert str(raised.value) == "train/loss is nan in epoch 1 (step 2, lr 1.33e+08): the trial diverged"
     assert raised.value.report.keys() == {EPOCH, STEP, TRAIN_LOSS} and math.isnan(raised.value.report[TRAIN_LOSS])
     assert session.history == []  # no report of the diverged epoch's NaN weights
 
