@@ -3,9 +3,9 @@ in buffers on the shards' own device (real gloo ranks)."""
 
 import torch
 import torch.distributed as dist
-from distributed import run_ranks
 
 from lipnext.owner_exchange import gather_to_owners, scatter_from_owners, shard_rows
+from lipnext.ranks import run_ranks
 
 # 7 rows on 3 ranks: shards of 3, 3 and 1 rows; 2 rows: shards of 1, 1 and 0.
 SHAPES = [[(7, 5), (5, 5)], [(2, 6), (6, 6)], [(4, 4), (4, 4)]]
