@@ -243,7 +243,7 @@ def test_checkpoints_artifacts_and_results_parquet_are_in_s3(stack, study_job, m
         (t.number, "COMPLETE", t.user_attrs[RUN_ATTR]) for t in study.trials
     ]
     # The best trial's checkpoint, logged to its run, went through the server to S3.
-    logged = fs.glob(f"lipscale/mlartifacts/*/{best.user_attrs[RUN_ATTR]}/artifacts/checkpoint/.metadata")
+    logged = fs.glob(f"lipscale/mlartifacts/*/{best.user_attrs[RUN_ATTR]}/artifacts/checkpoint/model.pt")
     assert len(logged) == 1
 
 

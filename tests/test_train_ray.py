@@ -24,7 +24,7 @@ from lipnext.certify import lipschitz_bound
 from lipnext.checkpoint import load_model
 from lipnext.metrics import CLEAN_ACC, LIPSCHITZ_BOUND, PARAMS, TRAIN_LOSS, cra
 from lipnext.train import train_loop_per_worker
-from lipnext.train_config import DataConfig, TrainConfig
+from lipnext.train_config import DataConfig, LossConfig, TrainConfig
 
 pytestmark = pytest.mark.slow
 EVAL = [CLEAN_ACC, cra(36), cra(72), cra(108), TRAIN_LOSS, LIPSCHITZ_BOUND]
@@ -44,7 +44,11 @@ def ray_cluster(s3):
 
 
 def _fit(data, storage, name, workers=2, failures=0):
-    config = TrainConfig(model=preset("digits"), data=DataConfig(uri=data, batch_size=128), epochs=4)
+    # The old radius ramp (0 to 1x): in 4 epochs the recipe's 0.1x to 3x costs clean accuracy (0.879)
+    config = TrainConfig(
+        model=preset("digits"), data=DataConfig(uri=data, batch_size=128), epochs=4,
+        loss=LossConfig(eps_start=0.0, eps_peak=1.0),
+    )  # fmt: skip
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config.to_dict(),

@@ -19,10 +19,22 @@ def count(expected, found) -> dict[str, int]:
 def complete(spec) -> int:
     """The study's COMPLETE trials so far, read creating nothing (0 while its storage is down): a
     storage opened the usual way creates the tables, and one made while the driver creates them
-    stops one of the two with "table ... already exists"."""
+    stops one of the two with "table ... already exists". Even with skip_table_creation Optuna
+    stamps alembic's version when it finds none, and a stamp beside the driver's stops the driver
+    (UNIQUE constraint failed: alembic_version): so nothing is opened through Optuna before the
+    driver's own stamp, the last step of its storage's creation, is there."""
     if (db := uris.sqlite_path(spec.optuna_url)) is not None and not db.exists():
         return 0
     try:
+        engine = sqlalchemy.create_engine(spec.optuna_url)
+        try:
+            with engine.connect() as connection:
+                if not sqlalchemy.inspect(connection).has_table("alembic_version"):
+                    return 0
+                if connection.execute(sqlalchemy.text("SELECT COUNT(*) FROM alembic_version")).scalar() == 0:
+                    return 0
+        finally:
+            engine.dispose()
         storage = optuna.storages.RDBStorage(spec.optuna_url, skip_table_creation=True, skip_compatibility_check=True)
         if spec.name not in optuna.get_all_study_names(storage):
             return 0
