@@ -23,7 +23,6 @@ The runs go arm by arm within an lr, so load that changes over the run falls on 
 """
 
 import argparse
-import dataclasses
 import os
 import tempfile
 import time
