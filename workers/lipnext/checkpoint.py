@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from lipnext import ranks
 from lipnext.model import LipNeXt
 from lipnext.train_config import TrainConfig
 
@@ -74,10 +75,6 @@ class Progress:
     """Optimizer steps taken."""
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 class TrainingState(Stateful):
     def __init__(self, model, optimizer, schedule, loader, progress: Progress):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
@@ -87,7 +84,7 @@ class TrainingState(Stateful):
         model, optim = get_state_dict(self.model, self.optimizer)
         # Loader position and RNG are per rank: keyed by rank so DCP's
         # de-duplication of equal keys across ranks cannot mix them up.
-        rank = f"rank{_rank()}"
+        rank = f"rank{ranks.rank()}"
         return {
             "model": model,
             "optim": optim,
@@ -100,7 +97,7 @@ class TrainingState(Stateful):
     def load_state_dict(self, state: dict) -> None:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.schedule.load_state_dict(state["schedule"])
-        rank = f"rank{_rank()}"
+        rank = f"rank{ranks.rank()}"
         self.loader.load_state_dict(state["loader"][rank])
         torch.set_rng_state(state["rng"][rank])
         self.progress.epoch, self.progress.step = state["progress"]["epoch"], state["progress"]["step"]
@@ -122,7 +119,7 @@ def save(state: TrainingState, directory: str | os.PathLike, config: TrainConfig
     directory = Path(directory)
     writer = _Writer(directory)
     dcp.save({"train": state}, storage_writer=writer)
-    rank = _rank()
+    rank = ranks.rank()
     if export:  # a collective under FSDP2: the full tensors arrive on rank 0, on its CPU
         weights = get_model_state_dict(state.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # Rank 0 returns from dcp.save after writing the metadata.
@@ -132,7 +129,7 @@ def save(state: TrainingState, directory: str | os.PathLike, config: TrainConfig
         if export:
             torch.save(weights, directory / MODEL)
         names += [METADATA, CONFIG] + ([MODEL] if export else [])
-    checksums = {"world_size": dist.get_world_size() if dist.is_initialized() else 1} if rank == 0 else {}
+    checksums = {"world_size": ranks.world_size()} if rank == 0 else {}
     checksums["files"] = {name: _size_and_digest(directory / name) for name in names}
     temporary = directory / f".{CHECKSUMS.format(rank=rank)}.tmp"
     temporary.write_text(json.dumps(checksums))
@@ -180,7 +177,7 @@ def verified_everywhere(directory: str | os.PathLike) -> bool:
     """Whether every rank verifies its share of the checkpoint (`verify` with this rank's
     share); every rank calls it on the same directory, and all get the same answer.
     A rank that finds its share bad logs why."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = ranks.rank(), ranks.world_size()
     try:
         verify(directory, share=(rank, world))
         ok = True
@@ -214,7 +211,7 @@ def latest(root: str | os.PathLike) -> Path | None:
 
 def prune(root: str | os.PathLike, keep: int) -> None:
     """Deletes all but the newest `keep` checkpoint directories under `root` (rank 0)."""
-    if _rank() == 0:
+    if ranks.rank() == 0:
         for old in sorted(p for p in Path(root).iterdir() if p.is_dir())[:-keep]:
             shutil.rmtree(old)
 

@@ -21,6 +21,16 @@ import torch.multiprocessing as mp
 from torch.distributed.elastic.utils.distributed import get_free_port
 
 
+def rank() -> int:
+    """This process's rank; 0 without a process group."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The ranks of the process group; 1 without one."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 @contextlib.contextmanager
 def process_group(device: torch.device):
     """The default process group as it is (torchrun's, Ray Train's, run_ranks'), or one

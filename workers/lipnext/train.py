@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import Partial
 
-from lipnext import checkpoint
+from lipnext import checkpoint, ranks
 from lipnext.audit import UnsoundCertificate, audit, audit_sample
 from lipnext.augment import Augmentation
 from lipnext.certify import Certificate, accuracies, certified_counts, feature_lipschitz
@@ -253,7 +253,7 @@ def evaluate(
         images, labels = images.to(device, non_blocking=True), labels.to(device)
         counts += certified_counts(certificate.radius(model(images).float(), labels))
         samples += len(labels)
-    elapsed = _all_reduce_sum([time.perf_counter() - start], device)[0] / max(1, _world())
+    elapsed = _all_reduce_sum([time.perf_counter() - start], device)[0] / max(1, ranks.world_size())
     n, *certified = _all_reduce_sum([samples, *counts.tolist()], device)
     report = {
         **accuracies(certified, n),
@@ -269,14 +269,6 @@ def evaluate(
     return report
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def train(config: TrainConfig, session) -> dict:
     """Trains to config.epochs (resuming from the session's checkpoint, if
     any) and returns the last reported metrics."""
@@ -286,7 +278,7 @@ def train(config: TrainConfig, session) -> dict:
 
 
 def _train(config: TrainConfig, session, device: torch.device) -> dict:
-    rank, world = _rank(), _world()
+    rank, world = ranks.rank(), ranks.world_size()
     batch, _ = config.per_rank_batch(world)
     torch.manual_seed(config.seed)
 
@@ -377,7 +369,7 @@ def _train(config: TrainConfig, session, device: torch.device) -> dict:
 
 def _diverged(step: NonFiniteStep, epoch: int, number: int, lr: float, device) -> Diverged:
     """The report of a step whose gradient norm was not finite (every rank is here at once)."""
-    loss = _all_reduce_sum([step.loss.item()], device)[0] / _world()
+    loss = _all_reduce_sum([step.loss.item()], device)[0] / ranks.world_size()
     what = f"{TRAIN_LOSS} is {loss}" if not math.isfinite(loss) else f"{TRAIN_LOSS} is {loss} but {step}"
     return Diverged(
         f"{what} in epoch {epoch} (step {number}, lr {lr:.3g}): the trial diverged",
@@ -453,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
         if cuda:  # else every rank of a node lands on cuda:0
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if cuda else "gloo")
-    rank = _rank()  # before the process group goes
+    rank = ranks.rank()  # before the process group goes
     try:
         metrics = train(config, LocalSession(config.checkpoint))
     except (DataError, Stopped) as e:  # bad data, or a run that cannot go on: one line, no traceback
