@@ -14,6 +14,7 @@ import pytest
 import ray
 import torch
 import yaml
+from ray.tune.search import Searcher
 from test_design import ladder
 from test_spec import small
 
@@ -277,6 +278,26 @@ def test_a_trial_orphaned_by_a_dead_driver_is_rerun_with_its_params_and_run(loca
     assert [row["trial"] for row in results.read(spec.root).to_pylist()] == [1, 2]
 
 
+def test_a_trial_ended_in_optuna_but_running_in_tunes_last_snapshot_is_not_run_again(local_ray, tmp_path):
+    # Ray copies its snapshot to the root after the trial's tell: a driver killed between the two
+    # left the trial RUNNING there, its checkpoint already pruned; Tune ran it again.
+    spec = parse_spec(small(tmp_path / "root"))
+    study = run(spec)
+    history = lambda t: [m.step for m in mlflow.MlflowClient(spec.mlflow_uri).get_metric_history(t.user_attrs[RUN_ATTR], "train/loss")]  # noqa: E731
+    before = {t.number: (t.datetime_complete, history(t)) for t in study.trials}
+    (snapshot,) = (tmp_path / "root" / "tune").glob("experiment_state-*.json")
+    state = json.loads(snapshot.read_text())
+    for entry in state["trial_data"]:
+        trial = json.loads(entry[0])
+        trial["status"] = "RUNNING"
+        entry[0] = json.dumps(trial)
+    snapshot.write_text(json.dumps(state))
+
+    study = run(spec)
+
+    assert {t.number: (t.datetime_complete, history(t)) for t in study.trials} == before  # nothing trained or told again
+    assert {json.loads(t)["status"] for t, _ in json.loads(snapshot.read_text())["trial_data"]} == {"TERMINATED"}
+
 def test_a_trial_whose_end_did_not_reach_the_optuna_storage_is_told_when_the_run_ends(local_ray, tmp_path, monkeypatch):
     # Ray's OptunaSearch logged a failed tell and counted the trial done: RUNNING in Optuna for good, its row lost.
     spec = parse_spec(small(tmp_path / "root"))
@@ -316,6 +337,31 @@ def test_a_trial_stopped_early_by_the_scheduler_is_pruned(tmp_path):
     search.suggest("b")
     search.on_trial_complete("b", {"epoch": 4, "training_iteration": 4, "eval/cra_36": 0.5})
     assert study.trials[1].state == optuna.trial.TrialState.COMPLETE and study.trials[1].value == 0.5
+
+
+def test_a_restored_search_finds_its_trials_budget_and_slots_in_the_optuna_storage_alone(tmp_path):
+    # A driver killed while Ray copied its state to the root left the searcher's pickle truncated
+    # (0 bytes, seen in CI) and Ray started the experiment over: the search keeps no state there.
+    spec = parse_spec(small(tmp_path / "root"))
+    store = open_store(spec, create=True)
+    tracking = Tracking(spec)
+    first = StudySearch(spec, store, tracking, tracking.parent_run(store.study, spec), 0)
+    numbers = {tune_id: first.suggest(tune_id)["trial"]["number"] for tune_id in ("a", "b")}
+    assert first.suggest("c") is None  # max_concurrent 2: both slots taken
+    first.on_trial_complete("a", {"epoch": 1, "training_iteration": 1, "eval/cra_36": 0.4})
+    state = tmp_path / "tune"
+    state.mkdir()
+    first.save_to_dir(str(state))
+    assert not list(state.iterdir())  # nothing a kill could truncate
+
+    again = StudySearch(spec, store, tracking, tracking.parent_run(store.study, spec), 0)  # as tuner.pkl holds it
+    again.restore_from_dir(str(state))
+    assert again.suggest("c") == Searcher.FINISHED  # the budget of 2, counted in the storage
+    again.on_trial_complete("b", {"epoch": 1, "training_iteration": 1, "eval/cra_36": 0.6})  # Tune resumed b
+    study = optuna.load_study(study_name=spec.name, storage=spec.optuna_url)
+    assert [(t.number, t.state.name, t.value) for t in study.trials] == [
+        (numbers["a"], "COMPLETE", 0.4), (numbers["b"], "COMPLETE", 0.6)
+    ]  # fmt: skip
 
 
 def test_a_ladder_fits_each_sizes_best_full_budget_trial_and_no_trial_asha_stopped(local_ray, tmp_path):

@@ -31,6 +31,8 @@ REQUEUED_ATTR = "requeued_as_retry"
 """On a trial that a killed driver orphaned: the number its params were queued again as."""
 RETRY_OF_ATTR = "retry_of"
 """On that retry: the number of the orphan it re-runs."""
+TUNE_ID_ATTR = "tune_trial_id"
+"""The Ray Tune trial id the trial runs as: how a restored search finds its trials again."""
 
 # --- MLflow tags ------------------------------------------------------------------------------
 

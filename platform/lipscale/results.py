@@ -22,9 +22,11 @@ from lipscale.keys import CHECKPOINT_ATTR, FAIL_REASON_ATTR, METRICS_ATTR, OBJEC
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The trials that count against the budget: finished, orphans that were re-queued excepted."""
-    return [t for t in study.get_trials(deepcopy=False, states=FINISHED) if not t.user_attrs.get(REQUEUED_ATTR)]
+def finished_trials(study: optuna.Study, *, running: bool = False) -> list[optuna.trial.FrozenTrial]:
+    """The trials that count against the budget: finished (and running, if asked), orphans that
+    were re-queued excepted."""
+    states = FINISHED + (TrialState.RUNNING,) if running else FINISHED
+    return [t for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get(REQUEUED_ATTR)]
 
 
 def _objective_columns(study: optuna.Study) -> list[str]:

@@ -12,11 +12,12 @@ import logging
 import optuna
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from lipnext.metrics import EPOCH
-from lipscale import design
-from lipscale.keys import NUMBER_KEY, PARAMS_KEY, RUN_ATTR, TRIAL_KEY
+from lipscale import design, results
+from lipscale.keys import NUMBER_KEY, PARAMS_KEY, RUN_ATTR, TRIAL_KEY, TUNE_ID_ATTR
 from lipscale.spec import Spec
 from lipscale.store import Store, distributions
 from lipscale.tracking import Tracking
@@ -29,7 +30,14 @@ class StudySearch(OptunaSearch):
     its MLflow child run. Also: a report without the objective (not an eval epoch) is skipped,
     and a finished trial is told by the study's store (`Store.tell`: PRUNED when the scheduler
     stopped it, with its last evaluated objective as its value, the one its results row shows;
-    FAIL with the reason when it stopped itself; its last metrics in its user attrs)."""
+    FAIL with the reason when it stopped itself; its last metrics in its user attrs).
+
+    The search keeps the budget and the concurrency itself, from the Optuna storage, and keeps
+    no state anywhere else: Ray pickles a search's state (its SearchGenerator's trial count, its
+    ConcurrencyLimiter's live trials, the searcher) beside the experiment state and copies them
+    from a staging folder to the study root one by one, so a driver killed mid-copy left them
+    from different snapshots (seen in CI: a count of 2 beside 3 trials, and a fifth trial ran; a
+    0-byte searcher pickle, and Ray started the experiment over)."""
 
     def __init__(
         self, spec: Spec, store: Store, tracking: Tracking, parent_run: str, seed: int,
@@ -46,13 +54,19 @@ class StudySearch(OptunaSearch):
             seed=seed,
         )
         self.spec, self.store, self.tracking, self.parent_run = spec, store, tracking, parent_run
+        self.budget = len(points) if points else spec.budget.trials
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if len(self._ot_trials.keys() - self._completed_trials) >= self.spec.budget.max_concurrent:
+            return None  # every slot taken: Tune asks again later
+        if len(results.finished_trials(self._ot_study, running=True)) >= self.budget:
+            return Searcher.FINISHED
         params = super().suggest(trial_id)
         ot_trial = self._ot_trials[trial_id]
         config = self.spec.train_config(params)
         run_id = self.tracking.child_run(self.parent_run, ot_trial.number, config, ot_trial.user_attrs.get(RUN_ATTR))
         ot_trial.set_user_attr(RUN_ATTR, run_id)
+        ot_trial.set_user_attr(TUNE_ID_ATTR, trial_id)
         return {PARAMS_KEY: params, TRIAL_KEY: {NUMBER_KEY: ot_trial.number, RUN_ATTR: run_id}}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -60,11 +74,22 @@ class StudySearch(OptunaSearch):
             return
         super().on_trial_result(trial_id, result)
 
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        # The pickled sampler would replay the draws it made after this snapshot, for trials
-        # that the dead driver asked for and `reconcile` has queued again: seed it afresh.
-        self._ot_study.sampler = optuna.samplers.TPESampler(seed=self.spec.seed + len(self._ot_study.trials))
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        """Nothing to save: the search's state is the Optuna storage (`restore_from_dir`)."""
+
+    def restore_from_dir(self, checkpoint_dir: str) -> None:
+        """The trials Tune may resume, from the Optuna storage: RUNNING ones, by Tune trial id.
+        Ray's own pickle of this state is copied from a staging folder to the study root beside
+        the experiment state, and a driver killed during the copy left it truncated (0 bytes, seen
+        in CI): Ray then failed the restore and started the experiment over with only the trials
+        it had left to sample. The pickled sampler would also replay the draws it made after the
+        snapshot, for trials that the dead driver asked for and `reconcile` has queued again: the
+        sampler is seeded afresh."""
+        study = self._ot_study
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if TUNE_ID_ATTR in t.user_attrs:
+                self._ot_trials[t.user_attrs[TUNE_ID_ATTR]] = optuna.Trial(study, self.store.trial_id(t.number))
+        study.sampler = optuna.samplers.TPESampler(seed=self.spec.seed + len(study.trials))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         # Ray's OptunaSearch logs a failed tell as a warning and counts the trial done, leaving it

@@ -137,6 +137,10 @@ for _name, _method in vars(optuna.storages.RDBStorage).items():
 # --- the study ------------------------------------------------------------------------------------
 
 
+ENDED = ("TERMINATED", "ERROR")
+"""Ray Tune's statuses of a trial it will not run again."""
+
+
 @dataclass(frozen=True)
 class Store:
     """A study and our handle on its storage (`open_store`)."""
@@ -145,13 +149,14 @@ class Store:
     storage: Storage
     study: optuna.Study
 
-    def _trial_id(self, number: int) -> int:
+    def trial_id(self, number: int) -> int:
+        """Trial `number`'s id in the storage."""
         study_id = self.storage.get_study_id_from_name(self.study.study_name)
         return self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
     def trial(self, number: int) -> FrozenTrial:
         """Trial `number` as the storage has it now (the study's own list is a cached copy)."""
-        return self.storage.get_trial(self._trial_id(number))
+        return self.storage.get_trial(self.trial_id(number))
 
     def stopped_early(self, number: int, result: dict) -> bool:
         """Whether a trial's last report came before its own epochs (the budget's, or an
@@ -161,7 +166,7 @@ class Store:
     def set_trial_attrs(self, number: int, attrs: dict) -> None:
         """User attrs on a trial the caller holds no Trial object of, unless it has finished
         (Optuna refuses changes then; a trial Tune resumed after its end reports again)."""
-        trial_id = self._trial_id(number)
+        trial_id = self.trial_id(number)
         if self.storage.get_trial(trial_id).state.is_finished():
             return
         for key, value in attrs.items():
@@ -198,7 +203,7 @@ class Store:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.number in tune_trials:
                 status, result = tune_trials[t.number]
-                if status in ("TERMINATED", "ERROR"):
+                if status in ENDED:
                     self.tell(t.number, result, error=status == "ERROR")
                     told.append(study.trials[t.number])
                     log.info("trial %d ended in Ray Tune as %s but Optuna had it RUNNING: told", t.number, status)

@@ -12,19 +12,22 @@ results table (lipscale.callbacks.Bookkeeping).
 
 Resume: Ray Tune's experiment state under <root>/tune is restored
 (`Tuner.restore`): finished trials stay finished, unfinished ones resume from
-their last checkpoint, and the search continues to the budget. A trial that
+their last checkpoint, and the search continues to the budget; the search's own
+state is the Optuna storage (`StudySearch.restore_from_dir`). A trial that
 Optuna had handed out but Tune's last experiment snapshot did not hold (the
 driver died in between) is marked FAIL and its params queued again, carrying
 its MLflow run (`Store.reconcile`); Optuna cannot do this itself, its
 stale-trial handling only runs inside Study.optimize.
 """
 
+import json
 import logging
 import os
 import socket
 import sys
 import time
 
+import fsspec
 import optuna
 import ray
 from ray import tune
@@ -40,7 +43,7 @@ from lipscale.preflight import check_storage
 from lipscale.search import StudySearch, scheduler
 from lipscale.data.catalog import GENERATED
 from lipscale.spec import Spec, SpecError, load_spec
-from lipscale.store import Store, open_store
+from lipscale.store import ENDED, Store, open_store
 from lipscale.tracking import Tracking
 from lipscale.trial import COORDINATOR_CPUS, caused_by, in_process, storage_full, trainable
 
@@ -119,8 +122,7 @@ def _tuner(spec: Spec, store: Store, tracking: Tracking, parent_run: str) -> tun
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler(spec),
-            num_samples=left,
-            max_concurrent_trials=b.max_concurrent,
+            num_samples=-1,  # StudySearch ends the search at the budget, and keeps max_concurrent
             reuse_actors=True,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
@@ -137,7 +139,7 @@ def _tuner(spec: Spec, store: Store, tracking: Tracking, parent_run: str) -> tun
 
 
 def _trial_name(trial) -> str:
-    return trial_name(trial.config[TRIAL_KEY][NUMBER_KEY])
+    return trial_name(_number(trial))
 
 
 def _reconcile(spec: Spec, store: Store, tracking: Tracking) -> str | None:
@@ -148,12 +150,40 @@ def _reconcile(spec: Spec, store: Store, tracking: Tracking) -> str | None:
         store.reconcile({})
         return None
     analysis = tune.ExperimentAnalysis(experiment)
-    told = store.reconcile({t.config[TRIAL_KEY][NUMBER_KEY]: (t.status, t.last_result) for t in analysis.trials})
+    told = store.reconcile({_number(t): (t.status, t.last_result) for t in analysis.trials})
     for t in told:
         tracking.finish(t.user_attrs[RUN_ATTR], t.state.name, t.user_attrs.get(FAIL_REASON_ATTR))
     if told:
         results.write(store.study, spec.root)
+    finished = {t.number for t in store.study.get_trials(deepcopy=False, states=results.FINISHED)}
+    if lagging := [t.trial_id for t in analysis.trials if t.status not in ENDED and _number(t) in finished]:
+        _mark_ended(experiment, lagging)
     return experiment
+
+
+def _number(tune_trial) -> int:
+    return tune_trial.config[TRIAL_KEY][NUMBER_KEY]
+
+
+def _mark_ended(experiment: str, trial_ids: list[str]) -> None:
+    """Marks Tune trials TERMINATED in the experiment's newest snapshot. Ray copies a snapshot
+    to the root after the trial's end has been told to the Optuna storage, so a driver killed
+    between the two left the trial running in it (seen in the driver-kill test: its last report there, epoch 20 of
+    20); restored as it was, Tune ran it again, from a checkpoint Bookkeeping had pruned. The
+    Optuna storage is the record of how a trial ended. Written to a temporary file and renamed: a
+    kill mid-write leaves the snapshot as it was."""
+    fs, path = fsspec.core.url_to_fs(experiment)
+    newest = max(fs.glob(f"{path}/experiment_state-*.json"))
+    state = json.loads(fs.cat_file(newest))
+    for entry in state["trial_data"]:  # [the trial's JSON, its run metadata's JSON]
+        trial = json.loads(entry[0])
+        if trial["trial_id"] in trial_ids:
+            trial["status"] = "TERMINATED"
+            entry[0] = json.dumps(trial, indent=2)
+    staged = f"{path}/.{newest.rsplit('/', 1)[1]}.tmp"
+    fs.pipe_file(staged, json.dumps(state).encode())
+    fs.mv(staged, newest)
+    log.info("trials %s had ended in the Optuna storage but not in Ray Tune's last snapshot: marked ended", trial_ids)
 
 
 def ensure_data(spec: Spec) -> None:
