@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+torch.set_flush_denormal(True)  # as lipnext.train.train does on the CPU: the benchmarks time its step
 
 
 def time_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
