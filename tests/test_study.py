@@ -283,7 +283,11 @@ def test_a_trial_ended_in_optuna_but_running_in_tunes_last_snapshot_is_not_run_a
     # left the trial RUNNING there, its checkpoint already pruned; Tune ran it again.
     spec = parse_spec(small(tmp_path / "root"))
     study = run(spec)
-    history = lambda t: [m.step for m in mlflow.MlflowClient(spec.mlflow_uri).get_metric_history(t.user_attrs[RUN_ATTR], "train/loss")]  # noqa: E731
+    client = mlflow.MlflowClient(spec.mlflow_uri)
+
+    def history(t):
+        return [m.step for m in client.get_metric_history(t.user_attrs[RUN_ATTR], "train/loss")]
+
     before = {t.number: (t.datetime_complete, history(t)) for t in study.trials}
     (snapshot,) = (tmp_path / "root" / "tune").glob("experiment_state-*.json")
     state = json.loads(snapshot.read_text())
@@ -297,6 +301,7 @@ def test_a_trial_ended_in_optuna_but_running_in_tunes_last_snapshot_is_not_run_a
 
     assert {t.number: (t.datetime_complete, history(t)) for t in study.trials} == before  # nothing trained or told again
     assert {json.loads(t)["status"] for t, _ in json.loads(snapshot.read_text())["trial_data"]} == {"TERMINATED"}
+
 
 def test_a_trial_whose_end_did_not_reach_the_optuna_storage_is_told_when_the_run_ends(local_ray, tmp_path, monkeypatch):
     # Ray's OptunaSearch logged a failed tell and counted the trial done: RUNNING in Optuna for good, its row lost.

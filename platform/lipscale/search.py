@@ -36,8 +36,8 @@ class StudySearch(OptunaSearch):
     no state anywhere else: Ray pickles a search's state (its SearchGenerator's trial count, its
     ConcurrencyLimiter's live trials, the searcher) beside the experiment state and copies them
     from a staging folder to the study root one by one, so a driver killed mid-copy left them
-    from different snapshots (seen in CI: a count of 2 beside 3 trials, and a fifth trial ran; a
-    0-byte searcher pickle, and Ray started the experiment over)."""
+    from different snapshots (seen in the driver-kill test: a count of 2 beside 3 trials, and a
+    fifth trial ran; in CI, a 0-byte searcher pickle, and Ray started the experiment over)."""
 
     def __init__(
         self, spec: Spec, store: Store, tracking: Tracking, parent_run: str, seed: int,

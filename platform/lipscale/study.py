@@ -168,10 +168,10 @@ def _number(tune_trial) -> int:
 def _mark_ended(experiment: str, trial_ids: list[str]) -> None:
     """Marks Tune trials TERMINATED in the experiment's newest snapshot. Ray copies a snapshot
     to the root after the trial's end has been told to the Optuna storage, so a driver killed
-    between the two left the trial running in it (seen in the driver-kill test: its last report there, epoch 20 of
-    20); restored as it was, Tune ran it again, from a checkpoint Bookkeeping had pruned. The
-    Optuna storage is the record of how a trial ended. Written to a temporary file and renamed: a
-    kill mid-write leaves the snapshot as it was."""
+    between the two left the trial running in it (seen in the driver-kill test: its last report
+    there, epoch 20 of 20); restored as it was, Tune ran it again, from a checkpoint Bookkeeping
+    had pruned. The Optuna storage is the record of how a trial ended. Written to a temporary
+    file and renamed: a kill mid-write leaves the snapshot as it was."""
     fs, path = fsspec.core.url_to_fs(experiment)
     newest = max(fs.glob(f"{path}/experiment_state-*.json"))
     state = json.loads(fs.cat_file(newest))
