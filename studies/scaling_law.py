@@ -17,6 +17,11 @@ Stopped or killed, the same command continues the study from its Optuna
 storage and Ray Tune state; `--resume` insists on continuing (and refuses a
 spec whose design, space, fixed settings, budget, data or seed changed).
 `lipscale status SPEC` lists the trials.
+
+Before paying for the cluster, `--rehearse` runs the spec's trials here, shrunk, on
+a local Ray cluster of its node types (`lipscale rehearse`):
+
+    python studies/scaling_law.py --spec studies/specs/imagenet.yaml --rehearse
 """
 
 import sys

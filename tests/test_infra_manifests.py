@@ -16,14 +16,13 @@ import pytest
 import ray
 import yaml
 
+from lipscale.rehearse import GPU_MEMORY_GIB
 from lipscale.spec import GIB, load_spec, plan_trial
 
 REPO = Path(__file__).parents[1]
 INFRA = REPO / "infra"
 CRDS = Path(__file__).parent / "kuberay"
 IMAGENET = REPO / "studies" / "specs" / "imagenet.yaml"
-GPU_MEMORY_GIB = {"p5.48xlarge": 80, "p4de.24xlarge": 80, "p4d.24xlarge": 40}
-"""Memory of one GPU of AWS's 8-GPU instance types."""
 SECRETS = {"lipscale-mlflow", "lipscale-s3"}
 """The Secrets every Ray container takes its environment from (infra/README.md)."""
 

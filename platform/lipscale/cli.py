@@ -3,6 +3,7 @@
     lipscale run | resume | status SPEC     a study (lipscale.study)
     lipscale fit | report SPEC              its scaling laws and report (lipscale.report)
     lipscale plan PRESET --batch B          what a train step costs (lipscale.plan)
+    lipscale rehearse SPEC                  a cluster study run on this machine first (lipscale.rehearse)
     lipscale data convert NAME ...          datasets in the shard format (lipscale.data.convert)
 
 Every command's arguments are declared here, and only the chosen command's;
@@ -62,12 +63,31 @@ def _study(run: str, **defaults) -> Callable[[argparse.ArgumentParser], None]:
 
 
 def entry_parser(default_spec: str | None, doc: str | None) -> argparse.ArgumentParser:
-    """studies/scaling_law.py's command line: `lipscale run` with the spec as an option."""
+    """studies/scaling_law.py's command line: `lipscale run` with the spec as an option, or
+    `lipscale rehearse` with --rehearse."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", default=default_spec, help=f"study spec (YAML); default {default_spec}")
     parser.add_argument("--resume", action="store_true", help="continue the study; refuses a changed search space")
     study_options(parser)
+    parser.add_argument("--rehearse", action="store_true", help="rehearse the study on this machine (lipscale rehearse)")
+    rehearse_options(parser)
     return parser
+
+
+def rehearse_options(parser: argparse.ArgumentParser) -> None:
+    from lipscale.rehearse import CLUSTER_CONFIG  # plain data and a YAML reader: no torch or Ray at import
+
+    parser.add_argument("--cluster", default=CLUSTER_CONFIG, help=f"Ray cluster launcher config (default {CLUSTER_CONFIG})")
+    parser.add_argument("--real-stores", action="store_true",
+                        help="rehearse on the spec's own stores, under <root>-rehearsal/ (default: local ones)")
+    parser.add_argument("--flops-per-s", type=float, help="sustained FLOP/s of one GPU (default 4e14, an H100's 40%%)")
+
+
+def _rehearse(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", metavar="SPEC", help="study spec (YAML)")
+    parser.add_argument("--root", help="where the rehearsals go (default runs/<name>-rehearsal/<time>)")
+    rehearse_options(parser)
+    parser.set_defaults(run="lipscale.rehearse:rehearse_command")
 
 
 def _report(parser: argparse.ArgumentParser) -> None:
@@ -181,6 +201,8 @@ COMMANDS = {
     "report": Command("the fits, plus plots (PNG and one HTML page) logged to the study's MLflow parent run",
                       _report_files),
     "plan": Command("FLOPs, per-rank memory and step time of a preset's train step", _plan),
+    "rehearse": Command("run a cluster study's trials on this machine, shrunk, on a local Ray cluster of its node "
+                        "types: a checklist and the study's GPU-hours", _rehearse),
     "data": Command("datasets in the LipScale shard format", _data),
 }  # fmt: skip
 

@@ -14,6 +14,7 @@ an estimate there, exact for CIFAR).
 import dataclasses
 from dataclasses import dataclass
 
+from lipnext.train_config import TrainConfig
 from lipscale.plan import Plan, format_plan
 from lipscale.spec import Spec, load_spec, plan_trial
 
@@ -37,11 +38,11 @@ class TrialCost:
         return self.epochs * self.steps_per_epoch * self.plan.step_time_s * self.workers / 3600
 
 
-def trial_cost(spec: Spec, flops_per_s: float = H100_SUSTAINED) -> TrialCost:
-    """The cost of the spec's largest trial at `flops_per_s` per GPU."""
+def trial_cost(spec: Spec, flops_per_s: float = H100_SUSTAINED, config: TrainConfig | None = None) -> TrialCost:
+    """The cost of a trial of the spec (default its largest) at `flops_per_s` per GPU."""
     if spec.dataset.name not in TRAIN_SPLITS:
         raise ValueError(f"dataset.name: no train split size known for {spec.dataset.name!r} ({', '.join(TRAIN_SPLITS)})")
-    config = spec.largest()
+    config = config or spec.largest()
     samples, classes = TRAIN_SPLITS[spec.dataset.name]
     samples = samples * config.model.num_classes // classes
     workers = spec.budget.workers_per_trial

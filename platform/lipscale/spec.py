@@ -84,6 +84,9 @@ class Spec(Strict):
     """One objective, or several (e.g. CRA up and FLOPs down) for a Pareto front."""
     seed: int = 0
     """Seed of every trial's training and (plus the trials already run) of the sampler."""
+    rehearsal: bool = False
+    """Set by `lipscale rehearse` (lipscale.rehearse) on its copy of a GPU spec: trials ask for the
+    spec's GPUs as Ray resources and train on the CPU."""
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -175,6 +178,8 @@ class Spec(Strict):
             "seed": self.seed,
         }
         tree["data"]["uri"] = self.data_uri
+        if self.rehearsal:
+            tree["device"] = "cpu"
         for path, value in params.items():
             section, _, name = path.rpartition(".")
             (tree[section] if section else tree)[name] = value
@@ -270,7 +275,8 @@ class Spec(Strict):
         for path, values in self.params.items():
             check_param(path, values)
 
-    def _values(self, path: str) -> list:
+    def values(self, path: str) -> list:
+        """The values of a searched parameter that the checks build (lipscale.space.param_grid)."""
         return param_grid(path, self.params[path])
 
     def _buildable(self, params: dict) -> dict:
@@ -289,9 +295,9 @@ class Spec(Strict):
         model_paths = [p for p in self.params if p.startswith("model.")]
         for path in self.params:
             if path not in model_paths:
-                for value in self._values(path):
+                for value in self.values(path):
                     _named(f"space.{path}", self.train_config, {path: value})
-        grids = [self._values(p) for p in model_paths]
+        grids = [self.values(p) for p in model_paths]
         if (count := math.prod(len(g) for g in grids)) > MAX_SHAPES:
             raise ValueError(
                 f"space: {count:,} model shapes (over {MAX_SHAPES:,}); give fewer choices or larger steps"
@@ -313,12 +319,12 @@ class Spec(Strict):
             workers = self.budget.workers_per_trial
             return max(configs.values(), key=lambda c: plan_trial(c, workers).memory.peak)
         biggest = ("model.width", "model.depth", "data.batch_size")
-        values = {path: self._values(path) for path in self.params}
+        values = {path: self.values(path) for path in self.params}
         return self.train_config({p: max(v) if p in biggest else v[0] for p, v in values.items()})
 
     def _check_budget(self):
         b, f = self.budget, self.fixed
-        batches = self._values("data.batch_size") if "data.batch_size" in self.params else [f.data.batch_size]
+        batches = self.values("data.batch_size") if "data.batch_size" in self.params else [f.data.batch_size]
         for batch in batches:
             if batch % b.workers_per_trial:
                 raise ValueError(
@@ -348,18 +354,19 @@ class Spec(Strict):
                 f"worker (`lipscale plan`), more than {b.memory_per_worker_gib:g}"
             )
 
-    def fitted(self, config: TrainConfig) -> TrainConfig:
-        """The trial's config as it trains: with budget.memory_per_worker_gib and no
-        data.micro_batch_size, the largest micro-batch that the planner fits in that memory
-        (with activation checkpointing if only that fits; one the config asks for is kept)."""
+    def fitted(self, config: TrainConfig, memory_gib: float | None = None) -> TrainConfig:
+        """The trial's config as it trains: with budget.memory_per_worker_gib (or `memory_gib`)
+        and no data.micro_batch_size, the largest micro-batch that the planner fits in that
+        memory (with activation checkpointing if only that fits; one the config asks for is kept)."""
         b = self.budget
-        if b.memory_per_worker_gib is None or config.data.micro_batch_size is not None:
+        memory_gib = memory_gib or b.memory_per_worker_gib
+        if memory_gib is None or config.data.micro_batch_size is not None:
             return config
         from lipscale.plan import fit
 
         chosen = fit(
             config.model, batch=config.data.batch_size, world_size=b.workers_per_trial,
-            memory_bytes=int(b.memory_per_worker_gib * GIB), dtype=config.precision,
+            memory_bytes=int(memory_gib * GIB), dtype=config.precision,
             activation_checkpointing="block" if config.activation_checkpointing == "block" else None,
             optimizer=config.optim.optimizer_kwargs(),
         )  # fmt: skip

@@ -123,7 +123,11 @@ def _tuner(spec: Spec, store: Store, tracking: Tracking, parent_run: str) -> tun
             search_alg=searcher,
             scheduler=scheduler(spec),
             num_samples=-1,  # StudySearch ends the search at the budget, and keeps max_concurrent
-            reuse_actors=True,
+            # Tune reuses a trial's process for the next only once the last one's function has
+            # returned, and errors the next trial if that takes over 2 s: a Ray Train trial tearing
+            # down its 8 workers took longer on 2 busy cores (seen in `lipscale rehearse`), and
+            # its coordinator process is light to start anyway.
+            reuse_actors=in_process(spec),
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
         ),
@@ -309,4 +313,9 @@ def main(argv: list[str] | None = None, default_spec: str | None = None, doc: st
     """studies/scaling_law.py's command line."""
     from lipscale.cli import entry_parser
 
-    return run_command(entry_parser(default_spec, doc).parse_args(argv))
+    args = entry_parser(default_spec, doc).parse_args(argv)
+    if args.rehearse:
+        from lipscale.rehearse import rehearse_command
+
+        return rehearse_command(args)
+    return run_command(args)

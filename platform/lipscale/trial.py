@@ -94,7 +94,7 @@ def _ray_train(spec: Spec, config: TrainConfig, number: int) -> None:
     """The trial as a TorchTrainer; a rerun with the same storage path and name resumes
     from its latest checkpoint (Ray Train V2)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from lipnext.train import train_loop_per_worker
@@ -103,6 +103,9 @@ def _ray_train(spec: Spec, config: TrainConfig, number: int) -> None:
     TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config.to_dict(),
+        # Ray's default follows use_gpu (nccl); a rehearsal's workers hold GPUs that are Ray
+        # resources only, and train on the CPU (lipscale.rehearse).
+        torch_config=TorchConfig(backend="gloo" if config.device == "cpu" else None),
         scaling_config=ScalingConfig(
             num_workers=b.workers_per_trial,
             use_gpu=b.gpus_per_worker > 0,
