@@ -2,7 +2,7 @@
 Optuna search (the spec's `design`), run by Ray Tune, every trial tracked in
 MLflow.
 
-On a laptop (the default spec, specs/shapes.yaml, a ladder sized for 12 minutes on 2 CPU cores):
+On a laptop (the default spec, specs/shapes.yaml, a ladder: 5 minutes on 2 CPU cores):
 
     python studies/scaling_law.py
     python studies/scaling_law.py --smoke-test          # two one-epoch trials: seconds
