@@ -396,6 +396,26 @@ def test_cra_vs_eps_tells_thirty_trials_apart_by_a_colour_bar_not_a_legend_over_
     assert colours[0] != colours[-1] and len(set(colours)) == 30
 
 
+def test_a_runaway_bootstrap_band_is_clipped_to_the_points_lines_and_intervals_in_both_renderings():
+    # The default study's validation panels: the band of 1 - CRA at 72/255 reached 7 at the
+    # smallest size (its A's interval runs to 1e14), and the points, all in 0.72-0.89, lay in
+    # a sliver at the foot of the panel.
+    x = np.geomspace(1e3, 4e4, 20)
+    law = plots.Series("law", x, 0.7 + x**-0.2, style="line", low=0.6 + 0 * x, high=7 * (x / 1e3) ** -2 + 0.8)
+    held = plots.Series("held out", [4e4], [0.72], low=[0.68], high=[0.78])
+    panel = plots.Panel("validation", "N", "error", [law, plots.Series("fitted", x[:4], law.y[:4]), held], logx=True,
+                        logy=True)  # fmt: skip
+    low, high = panel.y_range
+    assert 0.6 < low < 0.68 and 0.89 < high < 1.0
+    plt = plots._pyplot()
+    fig, ax = plt.subplots()
+    plots._draw(ax, panel)
+    assert ax.get_ylim() == pytest.approx((low, high))
+    plt.close(fig)
+    axis = plots.plotly_figure([panel], title="t").layout.yaxis
+    assert axis.type == "log" and axis.range == pytest.approx((np.log10(low), np.log10(high)))
+
+
 def test_the_html_trials_table_scrolls_in_its_own_box_instead_of_widening_the_page():
     table = plots.html_table(["trial", *(f"a long column name {k}" for k in range(40))], [["0", *["0.5"] * 40]])
     assert table.startswith("<div class='wide'><table>") and table.endswith("</table></div>")

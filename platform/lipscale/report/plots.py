@@ -54,6 +54,24 @@ class Panel:
     colorbar: tuple[str, Sequence[float]] | None = None
     """(label, values): the series are coloured by these values (`shades`); the PNG draws the scale."""
 
+    @property
+    def y_range(self) -> tuple[float, float] | None:
+        """What both renderings show of y: every point, line and interval, padded 8%; not the
+        bands, which are clipped. A law's bootstrap band reached 7x the data at its smallest size
+        (its A's interval runs to 1e14), leaving the points a sliver at the panel's foot."""
+        values = [v for s in self.series for v in s.y]
+        values += [v for s in self.series if s.style == "points" and s.low is not None for v in (*s.low, *s.high)]
+        y = np.asarray(values, dtype=float)
+        y = y[np.isfinite(y) & ((y > 0) if self.logy else True)]
+        if not len(y):
+            return None
+        low, high = y.min(), y.max()
+        if self.logy:
+            pad = (high / low) ** 0.08 if high > low else 1.1
+            return low / pad, high * pad
+        pad = 0.08 * (high - low) if high > low else 0.1 * max(abs(high), 1.0)
+        return low - pad, high + pad
+
 
 def _scale(values: Sequence[float]):
     """The colour scale of `values`: viridis up to its yellow-green (the last tenth is too pale on
@@ -133,6 +151,8 @@ def _draw(ax, panel: Panel) -> None:
         ax.set_xscale("log")
     if panel.logy:
         ax.set_yscale("log")
+    if (y_range := panel.y_range) is not None:
+        ax.set_ylim(*y_range)
     if panel.note:
         ax.text(0.5, 0.04, "\n".join(textwrap.wrap(panel.note, 48)), transform=ax.transAxes, ha="center",
                 va="bottom", fontsize=8, bbox=dict(facecolor="white", edgecolor="0.7"))  # fmt: skip
@@ -175,6 +195,8 @@ def plotly_figure(panels: list[Panel], *, title: str, columns: int = 3) -> "go.F
             shown.add(s.name)
         fig.update_xaxes(title_text=panel.xlabel, type="log" if panel.logx else None, row=row, col=col)
         fig.update_yaxes(title_text=panel.ylabel, type="log" if panel.logy else None, row=row, col=col)
+        if (y_range := panel.y_range) is not None:  # plotly takes a log axis's range in log10
+            fig.update_yaxes(range=[math.log10(v) for v in y_range] if panel.logy else list(y_range), row=row, col=col)
         if panel.note:
             text = "<br>".join(html.escape(line) for line in textwrap.wrap(panel.note, 48))
             fig.add_annotation(text=text, showarrow=False, row=row, col=col, xref="x domain", yref="y domain",
