@@ -30,6 +30,7 @@ one before the rehearsal study stops there: the study would only fail the same w
 import contextlib
 import dataclasses
 import fractions
+import functools
 import itertools
 import math
 import os
@@ -45,13 +46,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import optuna
 import yaml
 
+from lipnext.metrics import CLEAN_ACC, EPOCH
 from lipscale import plan as planner
-from lipscale import uris
+from lipscale import results, uris
+from lipscale.cost import H100_SUSTAINED, TRAIN_SPLITS, trial_cost
+from lipscale.data import parts
+from lipscale.data.shards import write_dataset
+from lipscale.keys import FAIL_REASON_ATTR, METRICS_ATTR, RUN_ATTR
 from lipscale.ports import free_port
 from lipscale.sections import RUNNER_OWNED
 from lipscale.spec import GIB, Spec, SpecError, load_spec, parse_spec, plan_trial
+from lipscale.store import open_store
+from lipscale.tracking import Tracking
 
 CLUSTER_CONFIG = "infra/aws/cluster.yaml"
 """The Ray cluster launcher config whose node types a rehearsal takes, unless told."""
@@ -148,8 +157,6 @@ def model_shapes(spec: Spec) -> list[dict]:
 def verdicts(spec: Spec, node: NodeType, flops_per_s: float) -> tuple[list[Check], float | None]:
     """The planner's verdict on every full-size shape (one line per width and depth, its
     costliest variant), and the study's GPU-hours: its trials at the shapes' mean cost."""
-    from lipscale.cost import TRAIN_SPLITS, trial_cost
-
     memory_gib = spec.budget.memory_per_worker_gib
     if memory_gib is None and node.gpu_memory_gib is not None:
         memory_gib = planner.usable_bytes(int(node.gpu_memory_gib * GIB)) / GIB
@@ -272,18 +279,16 @@ def _dump(spec: Spec) -> dict:
 def write_data(spec: Spec, uri: str) -> None:
     """Synthetic shards of the model's image shape and classes: STEPS_PER_EPOCH global batches
     to train on, one to test on."""
-    from lipscale.data.parts import Part, Plan
-    from lipscale.data.shards import write_dataset
-
     m, batch = spec.base_model(), spec.fixed.data.batch_size
     shape = (m.in_channels, m.image_size, m.image_size)
 
-    def part(split: str, count: int) -> Part:
-        return Part(f"rehearsal {split} {count} {shape}", count, lambda: _images(count, shape, m.num_classes, split))
+    def part(split: str, count: int) -> parts.Part:
+        load = functools.partial(_images, count, shape, m.num_classes, split)
+        return parts.Part(f"rehearsal {split} {count} {shape}", count, load)
 
     classes = tuple(f"class{i:04d}" for i in range(m.num_classes))
-    write_dataset(Plan(spec.dataset.name, shape, classes, "raw", {"train": [part("train", STEPS_PER_EPOCH * batch)],
-                                                                 "test": [part("test", batch)]}), uri)  # fmt: skip
+    splits = {"train": [part("train", STEPS_PER_EPOCH * batch)], "test": [part("test", batch)]}
+    write_dataset(parts.Plan(spec.dataset.name, shape, classes, "raw", splits), uri)
 
 
 def _images(count: int, shape: tuple, classes: int, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -348,12 +353,6 @@ def _first_evaluation(spec: Spec, driver: subprocess.Popen, timeout_s: float) ->
     """Waits until a trial of the study has logged an evaluation to its MLflow run (Optuna keeps
     no intermediate values of a multi-objective study); False if the driver ended or the time
     ran out first."""
-    import optuna
-    from lipnext.metrics import CLEAN_ACC
-
-    from lipscale.keys import RUN_ATTR
-    from lipscale.tracking import Tracking
-
     client = Tracking(spec).client
     study = optuna.load_study(study_name=spec.name, storage=spec.optuna_url)
     deadline = time.monotonic() + timeout_s
@@ -373,12 +372,6 @@ def _kill(driver: subprocess.Popen) -> None:
 
 def ledger(spec: Spec, points: list[Point]) -> list[Check]:
     """Every rehearsal trial ended once: a line per trial, then one for the study."""
-    import optuna
-    from lipnext.metrics import EPOCH
-
-    from lipscale import results
-    from lipscale.keys import FAIL_REASON_ATTR, METRICS_ATTR
-
     study = optuna.load_study(study_name=spec.name, storage=spec.optuna_url)
     finished = results.finished_trials(study)
     by_key = {p.key: p for p in points}
@@ -418,8 +411,6 @@ def run_rehearsal(spec: Spec, points: list[Point], head: NodeType, node: NodeTyp
     spec_file = workdir / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(_dump(spec), sort_keys=False))
     write_data(spec, spec.data_uri)
-    from lipscale.store import open_store
-
     study = open_store(spec, create=True).study
     for point in points:  # asked for first: the sampler draws only the rest of the space
         study.enqueue_trial(point.params)
@@ -452,8 +443,6 @@ def rehearse(path: str, cluster_config: str = CLUSTER_CONFIG, root: str | None =
              flops_per_s: float | None = None) -> tuple[list[Check], float | None]:  # fmt: skip
     """The checklist of a rehearsal of the spec at `path` and the study's GPU-hours (None when
     unknown)."""
-    from lipscale.cost import H100_SUSTAINED
-
     try:
         spec = load_spec(path)
     except SpecError as e:
@@ -485,8 +474,9 @@ def rehearse(path: str, cluster_config: str = CLUSTER_CONFIG, root: str | None =
         return [*checks, Check(False, str(e)), NOT_RUN], hours
     if not all(c.passed for c in checks):
         return [*checks, NOT_RUN], hours
-    checks.append(Check(True, f"the rehearsal study: {len(points)} trials of {rehearsal.budget.workers_per_trial} "
-                              f"workers, {rehearsal.budget.max_concurrent} at once, under {rehearsal.root}"))  # fmt: skip
+    b = rehearsal.budget
+    checks.append(Check(True, f"the rehearsal study: {len(points)} trials of {b.workers_per_trial} workers, "
+                              f"{b.max_concurrent} at once, under {rehearsal.root}"))  # fmt: skip
     # Its spec file, driver logs and Ray token: beside its stores when they are local.
     workdir = uris.local_path(at) or Path(tempfile.mkdtemp(prefix=f"{name}-"))
     workdir.mkdir(parents=True, exist_ok=True)
