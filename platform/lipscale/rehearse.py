@@ -267,7 +267,8 @@ def rehearsal_spec(spec: Spec, root: str, name: str, real_stores: bool) -> tuple
     }
     raw["budget"].pop("memory_per_worker_gib", None)  # the full-size shapes are the planner's (`verdicts`)
     if raw.get("scheduler", {}).get("kind") == "asha":
-        raw["scheduler"]["grace_period"] = 1
+        # ASHA runs but stops no trial early: each goes through every epoch end, and its resume.
+        raw["scheduler"]["grace_period"] = EPOCHS
     return parse_spec(raw, "the rehearsal spec"), points
 
 
