@@ -47,7 +47,9 @@ KILLED_TRIAL_LOSES_ITS_RESULTS = pytest.mark.xfail(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,trials", [("imagenet", 3), pytest.param("cifar10", 4, marks=KILLED_TRIAL_LOSES_ITS_RESULTS)])
+@pytest.mark.parametrize(
+    "name,trials", [("imagenet", 3), pytest.param("cifar10", 4, marks=KILLED_TRIAL_LOSES_ITS_RESULTS)]
+)
 def test_a_cluster_spec_rehearses_on_this_machine_in_minutes(tmp_path, name, trials):
     done, seconds = rehearse_command(SPECS / f"{name}.yaml", tmp_path)
     lines = checklist(done.stdout)
