@@ -388,8 +388,8 @@ def ledger(spec: Spec, points: list[Point]) -> list[Check]:
         point = by_key.get(key(t))
         stands_for = f"; for {shown(point.full)}" if point else ""
         epochs = t.user_attrs.get(METRICS_ATTR, {}).get(EPOCH, 0)
-        ok = t.state.name in ("COMPLETE", "PRUNED")
-        reason = "" if ok else f": {t.user_attrs.get(FAIL_REASON_ATTR) or 'no reason recorded, see the driver logs'}"
+        ok = t.state.name in ("COMPLETE", "PRUNED") and epochs > 0  # ended, with no results: lost
+        reason = "" if ok else f": {t.user_attrs.get(FAIL_REASON_ATTR) or 'no results recorded, see the driver logs'}"
         params = shown(point.params if point else dict(key(t)))
         checks.append(Check(ok, f"trial {t.number} ({params}{stands_for}): {t.state.name} after {epochs} epoch(s)"
                                 f"{reason}"))  # fmt: skip
