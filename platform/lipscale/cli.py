@@ -75,7 +75,7 @@ def entry_parser(default_spec: str | None, doc: str | None) -> argparse.Argument
 
 
 def rehearse_options(parser: argparse.ArgumentParser) -> None:
-    from lipscale.rehearse import CLUSTER_CONFIG  # plain data and a YAML reader: no torch or Ray at import
+    from lipscale.rehearse import CLUSTER_CONFIG  # a rehearsal imports torch, Optuna and MLflow anyway
 
     parser.add_argument("--cluster", default=CLUSTER_CONFIG, help=f"Ray cluster launcher config (default {CLUSTER_CONFIG})")
     parser.add_argument("--real-stores", action="store_true",

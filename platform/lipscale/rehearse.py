@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import fractions
 import functools
-import itertools
 import math
 import os
 import secrets
@@ -148,12 +147,6 @@ def placement(spec: Spec, workers: list[NodeType]) -> tuple[Check, NodeType | No
                        f"{chosen.name} node(s)"), chosen  # fmt: skip
 
 
-def model_shapes(spec: Spec) -> list[dict]:
-    """Every combination of the model parameters the space searches (the full-size shapes)."""
-    paths = [p for p in spec.params if p.startswith("model.")]
-    return [dict(zip(paths, combo)) for combo in itertools.product(*(spec.values(p) for p in paths))]
-
-
 def verdicts(spec: Spec, node: NodeType, flops_per_s: float) -> tuple[list[Check], float | None]:
     """The planner's verdict on every full-size shape (one line per width and depth, its
     costliest variant), and the study's GPU-hours: its trials at the shapes' mean cost."""
@@ -166,17 +159,20 @@ def verdicts(spec: Spec, node: NodeType, flops_per_s: float) -> tuple[list[Check
     first = {p: spec.values(p)[0] for p in spec.params if not p.startswith("model.")}
     worst: dict[tuple[int, int], planner.Plan] = {}
     hours = []
-    for shape in model_shapes(spec):
+    for shape in spec.model_shapes():
         config = spec.fitted(spec.train_config({**first, **shape}), memory_gib=memory_gib)
-        p = plan_trial(config, spec.budget.workers_per_trial)
+        if spec.dataset.name in TRAIN_SPLITS:  # the cost holds the plan, at flops_per_s
+            cost = trial_cost(spec, flops_per_s, config)
+            p = cost.plan
+            hours.append(cost.gpu_hours)
+        else:
+            p = dataclasses.replace(plan_trial(config, spec.budget.workers_per_trial), flops_per_s=flops_per_s)
         key = (config.model.width, config.model.depth)
         if key not in worst or p.memory.peak > worst[key].memory.peak:
             worst[key] = p
-        if spec.dataset.name in TRAIN_SPLITS:
-            hours.append(trial_cost(spec, flops_per_s, config).gpu_hours)
     checks = []
     for (width, depth), p in sorted(worst.items()):
-        step = dataclasses.replace(p, flops_per_s=flops_per_s).step_time_s
+        step = p.step_time_s
         fits = p.fits(int(memory_gib * GIB))
         checks.append(Check(fits, f"width {width}, depth {depth} on {node.name}: {'' if fits else 'does not fit: '}"
                                   f"needs {p.memory.peak / GIB:.1f} of {memory_gib:.0f} GiB per GPU, micro-batches of "

@@ -297,15 +297,18 @@ class Spec(Strict):
             if path not in model_paths:
                 for value in self.values(path):
                     _named(f"space.{path}", self.train_config, {path: value})
-        grids = [self.values(p) for p in model_paths]
-        if (count := math.prod(len(g) for g in grids)) > MAX_SHAPES:
+        if (count := math.prod(len(self.values(p)) for p in model_paths)) > MAX_SHAPES:
             raise ValueError(
                 f"space: {count:,} model shapes (over {MAX_SHAPES:,}); give fewer choices or larger steps"
             )
-        for combo in itertools.product(*grids):
-            params = dict(zip(model_paths, combo))
+        for params in self.model_shapes():
             where = "space." + ", ".join(f"{p}={v}" for p, v in params.items()) if params else "fixed.model"
             _named(where, self.train_config, params)
+
+    def model_shapes(self) -> list[dict]:
+        """Every combination of the model parameters the space searches ([{}] when it searches none)."""
+        paths = [p for p in self.params if p.startswith("model.")]
+        return [dict(zip(paths, combo)) for combo in itertools.product(*(self.values(p) for p in paths))]
 
     def largest(self) -> TrainConfig:
         """The trial with the most memory per step: the largest width, depth and batch searched
